@@ -1,0 +1,9 @@
+"""spdsl: sparse attention patterns as a small language, compiled to Triton kernels."""
+
+from ._version import __version__
+from .errors import SpdError
+from .ir import PatternIR
+from .layout import Layout
+from .pattern import Pattern, compile, load
+
+__all__ = ["Layout", "Pattern", "PatternIR", "SpdError", "__version__", "compile", "load"]
