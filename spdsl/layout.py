@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .ir import Diff, Expr, Inter, PatternIR, Primitive, TorchOps, Union, classify
+from .ir import Expr, Inter, PatternIR, Primitive, TorchOps, Union, classify, keep
 
 _I64 = torch.int64
 
@@ -124,8 +124,6 @@ def dense_mask(ir: PatternIR, q_len: int, kv_len: int, q_offset: int) -> torch.T
     _check_sizes(q_len, kv_len, 1, 1)
     p = q_offset + torch.arange(q_len, dtype=_I64)[:, None]
     k = torch.arange(kv_len, dtype=_I64)[None, :]
-    from .ir import keep
-
     mask = keep(ir.expr, TorchOps, p // ir.unit, k // ir.unit).expand(q_len, kv_len)
     if ir.causal:
         mask = mask & (k <= p)
@@ -182,8 +180,6 @@ class Layout:
         ir, off = self.ir, self.q_offset
 
         def mask_mod(b, h, q_idx, kv_idx):
-            from .ir import keep
-
             p = q_idx + off
             m = keep(ir.expr, TorchOps, p // ir.unit, kv_idx // ir.unit)
             return (m & (kv_idx <= p)) if ir.causal else m
