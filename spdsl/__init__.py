@@ -5,5 +5,6 @@ from .errors import SpdError
 from .ir import PatternIR
 from .layout import Layout
 from .pattern import Pattern, compile, load
+from .runtime import SparseAttention, build
 
-__all__ = ["Layout", "Pattern", "PatternIR", "SpdError", "__version__", "compile", "load"]
+__all__ = ["Layout", "Pattern", "PatternIR", "SparseAttention", "SpdError", "__version__", "build", "compile", "load"]

@@ -148,6 +148,8 @@ class KernelConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    warp_specialize: bool = False
+    one_loop: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -191,19 +193,25 @@ def render_module(spec: BuildSpec) -> str:
     pat = spec.pattern
     source = spec.source.strip() or pat.text()
     safe_source = textwrap.indent(source.replace("\\", "\\\\").replace('"""', '\\"\\"\\"'), "    ")
-    text = _env().get_template("module.py.jinja").render(
-        name=_ident(pat.name),
-        version=__version__,
-        ir_text=textwrap.indent(pat.text().strip(), "    "),
-        spd_source=safe_source,
-        ir_repr=repr(pat),
-        ir_hash=pat.hash(),
-        unit=pat.unit,
-        causal=pat.causal,
-        predicate=predicate(pat),
-        pow_helpers=[floor_pow_helper(b) for b in _powers_bases(pat)],
-        runtime_source=embedded_runtime_source(),
-        configs=[(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in spec.configs],
+    text = (
+        _env()
+        .get_template("module.py.jinja")
+        .render(
+            name=_ident(pat.name),
+            version=__version__,
+            ir_text=textwrap.indent(pat.text().strip(), "    "),
+            spd_source=safe_source,
+            ir_repr=repr(pat),
+            ir_hash=pat.hash(),
+            unit=pat.unit,
+            causal=pat.causal,
+            predicate=predicate(pat),
+            pow_helpers=[floor_pow_helper(b) for b in _powers_bases(pat)],
+            runtime_source=embedded_runtime_source(),
+            configs=[
+                (c.block_m, c.block_n, c.num_warps, c.num_stages, c.warp_specialize, c.one_loop) for c in spec.configs
+            ],
+        )
     )
     compile(text, f"<spdsl generated {pat.name}>", "exec")  # fail here, not at import time
     return text

@@ -16,9 +16,17 @@ class SpdError(Exception):
         hint: did you mean local?
     """
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 column: int | None = None, source_line: str | None = None, hint: str | None = None,
-                 length: int = 1):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        source_line: str | None = None,
+        hint: str | None = None,
+        length: int = 1,
+    ):
         self.message = message
         self.file = file
         self.line = line
@@ -48,8 +56,17 @@ class SpdError(Exception):
         return "\n".join(out)
 
     @classmethod
-    def at(cls, message: str, text: str, line: int, column: int, *, file: str | None = None,
-           hint: str | None = None, length: int = 1) -> SpdError:
+    def at(
+        cls,
+        message: str,
+        text: str,
+        line: int,
+        column: int,
+        *,
+        file: str | None = None,
+        hint: str | None = None,
+        length: int = 1,
+    ) -> SpdError:
         """An error at (line, column) of ``text`` (1-based), with that source line attached."""
         lines = text.splitlines()
         src = lines[line - 1] if 1 <= line <= len(lines) else ""

@@ -313,7 +313,7 @@ class Segment(Primitive):
     def classify(self, ops, Qa, Qb, Ka, Kb):
         L = self.L
         qa, qb, ka, kb = ops.fdiv(Qa, L), ops.fdiv(Qb, L), ops.fdiv(Ka, L), ops.fdiv(Kb, L)
-        any_ = (ops.maximum(qa, ka) <= ops.minimum(qb, kb))
+        any_ = ops.maximum(qa, ka) <= ops.minimum(qb, kb)
         all_ = (qa == qb) & (ka == kb) & (qa == ka)
         return any_, all_
 
@@ -423,7 +423,7 @@ def normalize(expr: Expr) -> Expr:
 class PatternIR:
     """A checked, normalized pattern: integers resolved, ready for layout and codegen."""
 
-    __slots__ = ("name", "unit", "causal", "expr", "params")
+    __slots__ = ("causal", "expr", "name", "params", "unit")
 
     def __init__(self, name: str, unit: int, causal: bool, expr: Expr, params: dict[str, int] | None = None):
         if not name.isidentifier():

@@ -21,7 +21,12 @@ _I64 = torch.int64
 
 
 def _check_sizes(q_len: int, kv_len: int, block_q: int, block_kv: int) -> None:
-    for name, v, least in (("q_len", q_len, 0), ("kv_len", kv_len, 0), ("block_q", block_q, 1), ("block_kv", block_kv, 1)):
+    for name, v, least in (
+        ("q_len", q_len, 0),
+        ("kv_len", kv_len, 0),
+        ("block_q", block_q, 1),
+        ("block_kv", block_kv, 1),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
 
@@ -106,8 +111,14 @@ def build_csr(ir: PatternIR, q_len: int, kv_len: int, block_q: int, block_kv: in
     if ir.causal:
         kcap = torch.minimum(kcap, p1)
     rows = {"Qa": p0 // N, "Qb": p1 // N, "Kcap": torch.where(kcap >= 0, kcap // N, -1)}
-    geo = {"unit": N, "block_kv": block_kv, "kv_len": kv_len, "n_kv_tiles": nk,
-           "kmax": (kv_len - 1) // N, "span": block_kv // N}
+    geo = {
+        "unit": N,
+        "block_kv": block_kv,
+        "kv_len": kv_len,
+        "n_kv_tiles": nk,
+        "kmax": (kv_len - 1) // N,
+        "span": block_kv // N,
+    }
     keys = _candidate_keys(ir.expr, rows, geo)
     row, tile = keys // nk, keys % nk
     k0 = tile * block_kv
@@ -134,8 +145,15 @@ class Layout:
     """CSR over q-tiles: ``kv_idx[kv_ptr[i]:kv_ptr[i+1]]`` are q-tile i's visible kv tiles, sorted;
     ``kv_full`` marks tiles whose every in-range element is visible (the kernel skips the mask)."""
 
-    def __init__(self, ir: PatternIR, q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128,
-                 q_offset: int | None = None):
+    def __init__(
+        self,
+        ir: PatternIR,
+        q_len: int,
+        kv_len: int,
+        block_q: int = 128,
+        block_kv: int = 128,
+        q_offset: int | None = None,
+    ):
         self.ir = ir
         self.q_len, self.kv_len, self.block_q, self.block_kv = q_len, kv_len, block_q, block_kv
         self.q_offset = kv_len - q_len if q_offset is None else int(q_offset)
@@ -206,11 +224,17 @@ class Layout:
         partial_num, partial_idx = pack(~self.kv_full)
         full_num, full_idx = pack(self.kv_full)
         return BlockMask.from_kv_blocks(
-            partial_num, partial_idx, full_num, full_idx,
-            BLOCK_SIZE=(self.block_q, self.block_kv), mask_mod=self.mask_mod(),
+            partial_num,
+            partial_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=(self.block_q, self.block_kv),
+            mask_mod=self.mask_mod(),
             seq_lengths=(self.q_len, self.kv_len),
         )
 
     def __repr__(self) -> str:
-        return (f"Layout({self.ir.name}, q_len={self.q_len}, kv_len={self.kv_len}, block={self.block_q}x{self.block_kv}, "
-                f"q_offset={self.q_offset}, nnz={self.nnz}, full={self.n_full})")
+        return (
+            f"Layout({self.ir.name}, q_len={self.q_len}, kv_len={self.kv_len}, block={self.block_q}x{self.block_kv}, "
+            f"q_offset={self.q_offset}, nnz={self.nnz}, full={self.n_full})"
+        )

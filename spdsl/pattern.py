@@ -31,8 +31,9 @@ class Pattern:
         """bool [q_len, kv_len]: which keys each query row sees. O(q_len * kv_len)."""
         return dense_mask(self.ir, q_len, kv_len, kv_len - q_len if q_offset is None else int(q_offset))
 
-    def layout(self, q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128,
-               q_offset: int | None = None) -> Layout:
+    def layout(
+        self, q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128, q_offset: int | None = None
+    ) -> Layout:
         """Tile CSR for these lengths, built analytically in O(nnz)."""
         return Layout(self.ir, q_len, kv_len, block_q, block_kv, q_offset)
 
@@ -41,7 +42,8 @@ class Pattern:
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.ir.params.items())
-        return f"<spdsl.Pattern {self.name}({params}) unit={self.unit} {'causal ' if self.causal else ''}attend {self.ir.expr.text()}>"
+        causal = "causal " if self.causal else ""
+        return f"<spdsl.Pattern {self.name}({params}) unit={self.unit} {causal}attend {self.ir.expr.text()}>"
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Pattern) and self.ir == other.ir
@@ -50,7 +52,7 @@ class Pattern:
         return hash(self.ir)
 
 
-def compile(text: str, *, pattern: str | None = None, filename: str = "<string>", **params: int) -> Pattern:  # noqa: A001
+def compile(text: str, *, pattern: str | None = None, filename: str = "<string>", **params: int) -> Pattern:
     """Compile ``.spd`` source text. ``pattern`` picks one of several; ``params`` override defaults."""
     from .lower import compile_ir
 
@@ -65,7 +67,9 @@ def load(path: str | Path, *, pattern: str | None = None, **params: int) -> Patt
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpdError(f"no such file: {p}", file=str(p), hint="check the path; patterns ship in patterns/*.spd") from None
+        raise SpdError(
+            f"no such file: {p}", file=str(p), hint="check the path; patterns ship in patterns/*.spd"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpdError(f"cannot read {p}: {e}", file=str(p)) from None
     return compile(text, pattern=pattern, filename=str(p), **params)

@@ -1,0 +1,87 @@
+"""On-disk cache of generated modules: content-addressed, written atomically, self-checking.
+
+An entry is ``<dir>/<pattern>_<key>.py`` whose last line is ``# spdsl-sha256: <digest of the rest>``.
+Writers render to a temporary file in the same directory and ``os.replace`` it into place, so
+readers see a whole entry or none; a truncated or edited entry fails its digest and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+_FOOTER = "# spdsl-sha256: "
+
+
+class CacheError(OSError):
+    """The cache directory cannot be created or written."""
+
+
+def cache_dir() -> Path:
+    """``$SPDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/spdsl``, else ``~/.cache/spdsl``."""
+    env = os.environ.get("SPDSL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "spdsl"
+
+
+def cache_key(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _seal(text: str) -> str:
+    body = text if text.endswith("\n") else text + "\n"
+    return body + _FOOTER + hashlib.sha256(body.encode()).hexdigest() + "\n"
+
+
+def read_entry(path: Path) -> str | None:
+    """The entry's text if present and intact, else None."""
+    try:
+        data = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    body, sep, tail = data.rpartition(_FOOTER)
+    if not sep or tail.strip() != hashlib.sha256(body.encode()).hexdigest():
+        return None
+    return body
+
+
+def write_entry(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise CacheError(
+            f"cannot write the spdsl cache at {directory}: {e.strerror or e}; "
+            "set SPDSL_CACHE_DIR to a writable directory"
+        ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_seal(text))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def get_or_create(path: Path, render) -> tuple[str, bool]:
+    """(text, created): the intact entry at ``path``, rendering and writing it when missing or corrupt."""
+    text = read_entry(path)
+    if text is not None:
+        return text, False
+    text = render()
+    write_entry(path, text)
+    return text, True

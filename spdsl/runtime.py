@@ -1,0 +1,175 @@
+"""``spdsl.build``: a pattern in, a cached generated module and a torch custom op out.
+
+The generated module is standalone (torch + triton). This module imports it from the cache,
+registers ``torch.ops.spdsl.<name>_<key>`` with a fake implementation (so ``torch.compile``
+traces it without graph breaks), and routes CPU tensors to the blocked reference unless
+``TRITON_INTERPRET=1`` asks for the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from . import cache
+from ._version import __version__
+from .codegen import BuildSpec, KernelConfig, embedded_runtime_source, render_module, template_texts
+from .ir import PatternIR
+from .pattern import Pattern
+
+#: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
+DEFAULT_CONFIGS = (
+    KernelConfig(128, 128, 8, 3),
+    KernelConfig(128, 128, 8, 3, one_loop=True),
+    KernelConfig(128, 128, 8, 2, one_loop=True),
+)
+
+_LOCK = threading.Lock()
+_OPS: dict[str, SparseAttention] = {}
+
+
+def _versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return f"spdsl={__version__} triton={tv} torch={torch.__version__}"
+
+
+def _configs(config: dict) -> tuple[KernelConfig, ...]:
+    if "configs" in config:
+        cfgs = config.pop("configs")
+        out = tuple(c if isinstance(c, KernelConfig) else KernelConfig(*c) for c in cfgs)
+        if not out:
+            raise ValueError("configs must hold at least one config")
+    elif config:
+        out = (KernelConfig(**{**DEFAULT_CONFIGS[0].__dict__, **config}),)
+        config.clear()
+    else:
+        out = DEFAULT_CONFIGS
+    if config:
+        raise TypeError(f"unknown build option(s): {', '.join(config)}")
+    return out
+
+
+def _as_pattern(pattern) -> Pattern:
+    if isinstance(pattern, Pattern):
+        return pattern
+    if isinstance(pattern, PatternIR):
+        return Pattern(pattern)
+    if isinstance(pattern, (str, Path)):
+        from .pattern import load
+
+        return load(pattern)
+    raise TypeError(f"spdsl.build expects a Pattern (from spdsl.load/compile), got {type(pattern).__name__}")
+
+
+def build(pattern, **config) -> SparseAttention:
+    """Render (or reuse from the on-disk cache) the kernels for ``pattern``; return its op.
+
+    Options: ``block_m``, ``block_n``, ``num_warps``, ``num_stages`` (one fixed config) or
+    ``configs=[KernelConfig | (bm, bn, warps, stages), ...]`` (timed on the first CUDA call).
+    """
+    pat = _as_pattern(pattern)
+    configs = _configs(dict(config))
+    spec = BuildSpec(pat.ir, pat.source, configs)
+    key = cache.cache_key(
+        pat.ir.text(),
+        pat.source,
+        template_texts(),
+        embedded_runtime_source(),
+        _versions(),
+        repr(configs),
+        os.environ.get("TRITON_INTERPRET", ""),
+    )
+    with _LOCK:
+        if key in _OPS:
+            return _OPS[key]
+        path = cache.cache_dir() / f"{pat.name}_{key}.py"
+        cache.get_or_create(path, lambda: render_module(spec))
+        module = _import(path, f"spdsl_gen_{pat.name}_{key}")
+        op = SparseAttention(pat, module, path, key)
+        _OPS[key] = op
+        return op
+
+
+def _import(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+class SparseAttention:
+    """The op for one pattern. ``op(q, k, v)`` is a ``torch.library`` custom op (namespace spdsl)."""
+
+    def __init__(self, pattern: Pattern, module, path: Path, key: str):
+        self.pattern = pattern
+        self.module = module
+        self.path = path
+        self.key = key
+        self.op_name = f"spdsl::{pattern.name}_{key}"
+        self._fwd = _register(self.op_name, pattern, module)
+
+    def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
+        """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log)."""
+        if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int)):
+            raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+        out, lse = self._fwd(q, k, v, None if scale is None else float(scale), q_offset)
+        return (out, lse) if return_lse else out
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
+        """Packed sequences (FlashAttention varlen conventions); see the generated module."""
+        return self.module.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, return_lse=return_lse
+        )
+
+    def __repr__(self) -> str:
+        return f"<spdsl op {self.op_name} from {self.path}>"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cpu_reference(pattern: Pattern, q, k, v, scale, q_offset):
+    from . import reference
+
+    lay = pattern.layout(q.shape[2], k.shape[2], 64, 64, q_offset)
+    out, lse = reference.attention_blocked(lay, q, k, v, scale=scale, return_lse=True)
+    return out.to(q.dtype), lse.float()
+
+
+def _register(name: str, pattern: Pattern, module):
+    @torch.library.custom_op(name, mutates_args=())
+    def fwd(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.device.type == "cpu" and not _interpreting():
+            module._check_tensors(q, k, v, "BHSD", allow_cpu=True)
+            return _cpu_reference(pattern, q, k, v, scale, q_offset)
+        return module.attention(q, k, v, scale=scale, q_offset=q_offset, return_lse=True)
+
+    @fwd.register_fake
+    def _(q, k, v, scale, q_offset):
+        B, H, S, D = q.shape
+        return q.new_empty((B, H, S, D)), q.new_empty((B, H, S), dtype=torch.float32)
+
+    return fwd
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
