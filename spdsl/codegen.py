@@ -125,6 +125,31 @@ def predicate(pat: PatternIR, q_units: str = "qu[:, None]", k_units: str = "ku[N
     return _txt(ir_mod.keep(pat.expr, TritonOps, T(q_units), T(k_units)))
 
 
+def _classify(expr, qa: T, qb: T, ka: T, kb: T) -> tuple:
+    """Sound (any, all) of the attend expression over unit rectangles, as Triton text."""
+    if isinstance(expr, ir_mod.Primitive):
+        return expr.classify(TritonOps, qa, qb, ka, kb)
+    parts = [_classify(p, qa, qb, ka, kb) for p in expr.parts]
+    if isinstance(expr, ir_mod.Diff):
+        (a_any, a_all), (b_any, b_all) = parts
+        return a_any & ~b_all, a_all & ~b_any
+    any_, all_ = parts[0]
+    for p_any, p_all in parts[1:]:
+        if isinstance(expr, ir_mod.Union):
+            any_, all_ = any_ | p_any, all_ | p_all
+        else:
+            any_, all_ = any_ & p_any, all_ & p_all
+    return any_, all_
+
+
+def tile_test(pat: PatternIR) -> str:
+    """Triton text: may a kv tile with key units [ka, kb] hold a key that query units [qa, qb] see?
+
+    Sound (never drops a visible tile); exact for single primitives and unions.
+    """
+    return _txt(_classify(pat.expr, T("qa"), T("qb"), T("ka"), T("kb"))[0])
+
+
 def _powers_bases(pat: PatternIR) -> list[int]:
     return sorted({p.b for p in pat.expr.primitives() if isinstance(p, ir_mod.Powers)})
 
@@ -206,6 +231,7 @@ def render_module(spec: BuildSpec) -> str:
             unit=pat.unit,
             causal=pat.causal,
             predicate=predicate(pat),
+            tile_test=tile_test(pat),
             pow_helpers=[floor_pow_helper(b) for b in _powers_bases(pat)],
             runtime_source=embedded_runtime_source(),
             configs=[

@@ -137,6 +137,19 @@ class SparseAttention:
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, return_lse=return_lse
         )
 
+    def decode(self, q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False):
+        """KV-cache decode (FlashAttention ``flash_attn_with_kvcache`` conventions); see the generated module.
+
+        CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked reference.
+        """
+        if q.device.type == "cpu" and not _interpreting():
+            self.module._check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
+            out, lse = _decode_reference(self.pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
+            return (out, lse) if return_lse else out
+        return self.module.decode(
+            q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=return_lse
+        )
+
     def __repr__(self) -> str:
         return f"<spdsl op {self.op_name} from {self.path}>"
 
@@ -151,6 +164,34 @@ def _cpu_reference(pattern: Pattern, q, k, v, scale, q_offset):
     lay = pattern.layout(q.shape[2], k.shape[2], 64, 64, q_offset)
     out, lse = reference.attention_blocked(lay, q, k, v, scale=scale, return_lse=True)
     return out.to(q.dtype), lse.float()
+
+
+def _decode_reference(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale):
+    """CPU decode: gather each sequence's keys (paged or not) and run the blocked reference."""
+    from . import reference
+
+    B, Sq, Hq, D = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if block_table is None:
+            k, v = k_cache[b, :n], v_cache[b, :n]
+        else:
+            page = k_cache.shape[1]
+            pages = block_table[b, : -(-n // page)].long()
+            k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+        lay = pattern.layout(Sq, n, 64, 64, n - Sq)
+        o, l_ = reference.attention_blocked(
+            lay,
+            q[b : b + 1].transpose(1, 2),
+            k[None].transpose(1, 2),
+            v[None].transpose(1, 2),
+            scale=scale,
+            return_lse=True,
+        )
+        out[b] = o[0].transpose(0, 1).to(q.dtype)
+        lse[b] = l_[0].float()
+    return out, lse
 
 
 def _register(name: str, pattern: Pattern, module):
