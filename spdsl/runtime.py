@@ -170,7 +170,7 @@ def _decode_reference(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, bloc
     """CPU decode: gather each sequence's keys (paged or not) and run the blocked reference."""
     from . import reference
 
-    B, Sq, Hq, D = q.shape
+    B, Sq, Hq, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
     for b, n in enumerate(cache_seqlens.tolist()):
