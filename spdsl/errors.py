@@ -68,7 +68,7 @@ class SpdError(Exception):
         length: int = 1,
     ) -> SpdError:
         """An error at (line, column) of ``text`` (1-based), with that source line attached."""
-        lines = text.splitlines()
+        lines = text.split("\n")  # line numbers as the parser counts them (only \n)
         src = lines[line - 1] if 1 <= line <= len(lines) else ""
         return cls(message, file=file, line=line, column=column, source_line=src, hint=hint, length=length)
 

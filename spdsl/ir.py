@@ -279,7 +279,10 @@ class Dilated(Primitive):
     doc = "|d| < w*r and |d| a multiple of r (dilated window)"
 
     def check(self):
-        return _positive(self, 0) + _positive(self, 1)
+        errs = _positive(self, 0) + _positive(self, 1)
+        if not errs and self.w * self.r >= INT_LIMIT:
+            errs.append((0, f"dilated(w, r) needs w * r < 2**31, got {self.w} * {self.r} = {self.w * self.r}"))
+        return errs
 
     def keep(self, ops, Q, K):
         ad = ops.abs(Q - K)

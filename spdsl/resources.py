@@ -1,24 +1,35 @@
-"""Where the grammar, templates and shipped patterns live: an installed wheel or a checkout."""
+"""Where the grammar, templates and shipped patterns live: an installed wheel or a checkout.
+
+The wheel carries ``grammar/``, ``templates/`` and ``patterns/`` under ``spdsl/_data/``
+(``pyproject.toml``: hatch ``force-include``); a checkout (or an editable install) has them at the
+repository's top level. Every module finds them through :func:`data_path`, so both give the same
+answer.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 _PKG = Path(__file__).resolve().parent
+#: Searched in this order: the installed wheel's data, then the checkout's top level.
+_BASES = (_PKG / "_data", _PKG.parent)
 
 
 def data_path(rel: str) -> Path:
-    """Path of a data file (``grammar/spd.lark``, ``templates/x.py.jinja``, ``patterns/x.spd``).
+    """Path of a data file or folder (``grammar/spd.lark``, ``templates/x.py.jinja``, ``patterns``).
 
     Installed wheels carry the data under ``spdsl/_data/``; a checkout has it at the top level.
     """
-    for base in (_PKG / "_data", _PKG.parent):
-        p = base / rel
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if not parts or parts[0] not in ("grammar", "templates", "patterns") or ".." in parts:
+        raise ValueError(f"not a spdsl data path: {rel!r} (expected grammar/..., templates/... or patterns/...)")
+    for base in _BASES:
+        p = base.joinpath(*parts)
         if p.exists():
             return p
     raise FileNotFoundError(
-        f"spdsl data file {rel!r} not found in {_PKG / '_data'} or {_PKG.parent}; "
-        "reinstall spdsl (the wheel must carry grammar/ and templates/)"
+        f"spdsl data file {rel!r} not found in {_BASES[0]} or {_BASES[1]}; "
+        "reinstall spdsl (the wheel must carry grammar/, templates/ and patterns/)"
     )
 
 
@@ -28,3 +39,19 @@ def grammar_text() -> str:
 
 def template_text(name: str) -> str:
     return data_path(f"templates/{name}").read_text(encoding="utf-8")
+
+
+def patterns_dir() -> Path:
+    """The folder of the shipped ``.spd`` patterns."""
+    return data_path("patterns")
+
+
+def shipped_patterns() -> list[Path]:
+    """The shipped patterns (``patterns/*.spd``), sorted by file name."""
+    return sorted(patterns_dir().glob("*.spd"))
+
+
+def pattern_path(name: str) -> Path:
+    """A shipped pattern by file stem: ``pattern_path("power")`` -> ``.../patterns/power.spd``."""
+    stem = name[:-4] if name.endswith(".spd") else name
+    return data_path(f"patterns/{stem}.spd")

@@ -128,6 +128,7 @@ class SparseAttention:
         """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log)."""
         if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int)):
             raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
+        self.module._check_tensors(q, k, v, "BHSD", allow_cpu=True)
         out, lse = self._fwd(q, k, v, None if scale is None else float(scale), q_offset)
         return (out, lse) if return_lse else out
 
@@ -206,6 +207,7 @@ def _register(name: str, pattern: Pattern, module):
 
     @fwd.register_fake
     def _(q, k, v, scale, q_offset):
+        module._check_tensors(q, k, v, "BHSD", allow_cpu=True)
         B, H, S, D = q.shape
         return q.new_empty((B, H, S, D)), q.new_empty((B, H, S), dtype=torch.float32)
 

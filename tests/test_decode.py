@@ -80,7 +80,7 @@ def test_decode_matches_reference(ops, case):
     seqlens[0] = min(S, 5)  # shorter than one tile
     op = ops[name]
     ro, rl = ref_decode(op.pattern, q, kc, vc, seqlens, 1 / math.sqrt(D))
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    dev = lambda t: t.to(DEVICE)
     out, lse = op.decode(dev(q), dev(kc), dev(vc), dev(seqlens), return_lse=True)
     tol = 1e-4 if dtype == torch.float32 else 3e-3
     assert not out.isnan().any()

@@ -1,0 +1,305 @@
+"""Check a parsed ``.spd`` program and lower one of its patterns to :class:`spdsl.ir.PatternIR`.
+
+Rules enforced here (each violation is an :class:`SpdError` at the offending text, with a hint):
+
+* pattern names are unique in a file; parameter names are unique in a pattern; neither may be
+  a Python keyword (names may reach generated code as identifiers);
+* parameters are resolved in declaration order. A default is an integer expression over
+  literals and parameters declared *before* it (``pattern p(w = 4, reach = 2 * w)``); an
+  override replaces a parameter's value before later defaults are evaluated, so overriding
+  ``w`` above also changes ``reach``. Using a later (or the same) parameter is an error;
+* integer expressions use Python's ``+ - * // %`` (floor division and modulo); every
+  intermediate and final value must lie strictly between ``-2**31`` and ``2**31``, and
+  dividing by zero is an error;
+* a pattern has at most one ``unit`` (1 <= unit <= 2**30; default 1), at most one ``causal``
+  and at least one ``attend``; several ``attend`` lines are unioned;
+* primitives are looked up in :data:`spdsl.ir.PRIMITIVES`, called with exactly their number
+  of arguments, and their own range checks (``Primitive.check``) are reported at the argument.
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+import re
+from collections.abc import Mapping
+
+from . import ir
+from . import syntax as ast
+from .errors import SpdError, did_you_mean
+from .parser import parse
+from .syntax import error_at, error_at_node, strip_bom
+
+UNIT_MAX = 2**30
+_IR_OPS = {"|": ir.Union, "&": ir.Inter}
+_ARITH = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "//": operator.floordiv,  # floor division and modulo, as in Python and DESIGN.md
+    "%": operator.mod,
+}
+
+
+class _Lowering:
+    """Holds the source text for located errors while one pattern is lowered."""
+
+    def __init__(self, text: str, filename: str, pdef: ast.PatternDef):
+        self.text = text
+        self.filename = filename
+        self.pdef = pdef
+        self.env: dict[str, int] = {}
+
+    def error(self, node: ast.Node, message: str, hint: str | None = None) -> SpdError:
+        return error_at_node(message, self.text, node, file=self.filename, hint=hint)
+
+    def snippet(self, node: ast.Node) -> str:
+        """The source text of ``node`` on one line: comments dropped, spaces collapsed, shortened."""
+        starts = [0]
+        for line in self.text.split("\n"):
+            starts.append(starts[-1] + len(line) + 1)
+        if not 1 <= node.line <= node.end_line < len(starts):
+            return "?"
+        src = self.text[starts[node.line - 1] + node.column - 1 : starts[node.end_line - 1] + node.end_column - 1]
+        src = " ".join(re.sub(r"#[^\n]*", " ", src).split())
+        return src if len(src) <= 60 else src[:57] + "..."
+
+    # --- integers ------------------------------------------------------------------------
+
+    def eval_int(self, node: ast.IntExpr) -> int:
+        """Evaluate an integer expression over the parameters resolved so far."""
+        if isinstance(node, ast.Num):
+            return node.value
+        if isinstance(node, ast.Name):
+            return self.lookup(node)
+        if isinstance(node, ast.Neg):
+            return -self.eval_int(node.operand)
+        a, b = self.eval_int(node.left), self.eval_int(node.right)
+        if node.op in ("//", "%") and b == 0:
+            raise self.error(
+                node,
+                f"division by zero in `{self.snippet(node)}`",
+                hint=f"the right side of '{node.op}' evaluates to 0",
+            )
+        value = _ARITH[node.op](a, b)
+        if abs(value) >= ir.INT_LIMIT:
+            raise self.error(
+                node,
+                f"integer overflow: `{self.snippet(node)}` = {value}",
+                hint="every integer in a pattern must lie strictly between -2**31 and 2**31",
+            )
+        return value
+
+    def lookup(self, node: ast.Name) -> int:
+        if node.id in self.env:
+            return self.env[node.id]
+        declared = [p.name for p in self.pdef.params]
+        if node.id in declared:
+            raise self.error(
+                node,
+                f"parameter '{node.id}' is used before it is defined",
+                hint="a default may use only the parameters declared before it",
+            )
+        pattern = self.pdef.name
+        hint = did_you_mean(node.id, declared) or (
+            f"pattern {pattern} has parameters: {', '.join(declared)}"
+            if declared
+            else f"declare it: `pattern {pattern}({node.id} = 4) {{ ... }}`"
+        )
+        raise self.error(node, f"undefined parameter '{node.id}'", hint=hint)
+
+    # --- parameters ----------------------------------------------------------------------
+
+    def resolve_params(self, overrides: Mapping[str, object]) -> dict[str, int]:
+        seen: dict[str, ast.Param] = {}
+        for param in self.pdef.params:
+            check_name(self, param, "parameter")
+            if param.name in seen:
+                first = seen[param.name]
+                raise self.error(
+                    param,
+                    f"duplicate parameter '{param.name}' in pattern {self.pdef.name}",
+                    hint=f"it is already declared at line {first.line}:{first.column}; rename or remove one",
+                )
+            seen[param.name] = param
+        self.check_overrides(overrides)
+        for param in self.pdef.params:
+            self.env[param.name] = overrides[param.name] if param.name in overrides else self.eval_int(param.default)
+        return dict(self.env)
+
+    def check_overrides(self, overrides: Mapping[str, object]) -> None:
+        names = [p.name for p in self.pdef.params]
+        where = {"file": self.filename}
+        for key, value in overrides.items():
+            if key not in names:
+                listing = f"its parameters are {', '.join(names)}" if names else "it has no parameters"
+                close = did_you_mean(str(key), names)
+                raise self.error(
+                    self.pdef,
+                    f"unknown parameter '{key}' for pattern {self.pdef.name}",
+                    hint=f"{close} ({listing})" if close else listing,
+                )
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpdError(
+                    f"parameter {key} must be an integer, got {type(value).__name__} {value!r}",
+                    hint=f"pass an int, e.g. {key}=8",
+                    **where,
+                )
+            if abs(value) >= ir.INT_LIMIT:
+                raise SpdError(
+                    f"parameter {key} = {value} is out of range",
+                    hint="integers must lie strictly between -2**31 and 2**31",
+                    **where,
+                )
+
+    # --- statements ----------------------------------------------------------------------
+
+    def lower(self, overrides: Mapping[str, object]) -> ir.PatternIR:
+        check_name(self, self.pdef, "pattern")
+        params = self.resolve_params(overrides)
+        unit: ast.Unit | None = None
+        causal: ast.Causal | None = None
+        attends: list[ir.Expr] = []
+        for stmt in self.pdef.stmts:
+            if isinstance(stmt, ast.Attend):
+                attends.append(self.lower_set(stmt.expr))
+                continue
+            first = unit if isinstance(stmt, ast.Unit) else causal
+            if first is not None:
+                word = "unit" if isinstance(stmt, ast.Unit) else "causal"
+                raise self.error(
+                    stmt,
+                    f"duplicate '{word}' in pattern {self.pdef.name}",
+                    hint=f"the first is at line {first.line}:{first.column}; keep only one",
+                )
+            if isinstance(stmt, ast.Unit):
+                unit = stmt
+            else:
+                causal = stmt
+        if not attends:
+            raise self.error(
+                self.pdef, f"pattern {self.pdef.name} has no attend line", hint="add one, e.g. `attend local(4)`"
+            )
+        expr = attends[0] if len(attends) == 1 else ir.Union(attends)
+        return ir.PatternIR(self.pdef.name, self.unit_value(unit), causal is not None, expr, params)
+
+    def unit_value(self, stmt: ast.Unit | None) -> int:
+        if stmt is None:
+            return 1
+        value = self.eval_int(stmt.expr)
+        if not 1 <= value <= UNIT_MAX:
+            raise self.error(
+                stmt.expr,
+                f"unit must be between 1 and 2**30, got {value}",
+                hint="unit is the number of tokens per pattern unit, e.g. `unit 256`",
+            )
+        return value
+
+    # --- set expressions -----------------------------------------------------------------
+
+    def lower_set(self, node: ast.SetExpr) -> ir.Expr:
+        if isinstance(node, ast.SetOp):
+            left, right = self.lower_set(node.left), self.lower_set(node.right)
+            return ir.Diff(left, right) if node.op == "-" else _IR_OPS[node.op]((left, right))
+        return self.lower_call(node)
+
+    def lower_call(self, call: ast.Call) -> ir.Primitive:
+        cls = ir.PRIMITIVES.get(call.name)
+        name_node = ast.Name(
+            call.name,
+            line=call.line,
+            column=call.column,
+            end_line=call.line,
+            end_column=call.name_end_column or call.column + len(call.name),
+        )
+        if cls is None:
+            raise self.error(name_node, f"unknown primitive '{call.name}'", hint=self.unknown_hint(call.name))
+        want = len(cls.arg_names)
+        if len(call.args) != want:
+            takes = (
+                "no arguments"
+                if want == 0
+                else f"{want} argument{'s' if want > 1 else ''} ({', '.join(cls.arg_names)})"
+            )
+            raise self.error(call, f"{cls.name} takes {takes}, got {len(call.args)}", hint=ir.describe(cls))
+        prim = cls(*(self.eval_int(a) for a in call.args))
+        problems = prim.check()
+        if problems:
+            index, message = problems[0]
+            raise self.error(call.args[index] if index < len(call.args) else call, message, hint=ir.describe(cls))
+        return prim
+
+    def unknown_hint(self, name: str) -> str:
+        close = did_you_mean(name, ir.PRIMITIVES)
+        if close:
+            return close
+        if name in {p.name for p in self.pdef.params}:
+            return f"'{name}' is a parameter; use it as an argument, e.g. `local({name})`"
+        names = ", ".join(ir.describe(c).split(":")[0] for c in ir.PRIMITIVES.values())
+        return f"the primitives are {names}"
+
+
+def check_name(low: _Lowering, node: ast.PatternDef | ast.Param, what: str) -> None:
+    """Names reach generated code as identifiers: refuse Python keywords."""
+    if keyword.iskeyword(node.name):
+        raise low.error(
+            node,
+            f"'{node.name}' cannot name a {what}: it is a Python keyword",
+            hint=f"choose another name, e.g. {node.name}_",
+        )
+
+
+def _check_patterns(program: ast.Program, text: str, filename: str) -> None:
+    seen: dict[str, ast.PatternDef] = {}
+    for pdef in program.patterns:
+        if pdef.name in seen:
+            first = seen[pdef.name]
+            raise error_at_node(
+                f"duplicate pattern name '{pdef.name}'",
+                text,
+                pdef,
+                file=filename,
+                hint=f"the first is at line {first.line}:{first.column}; rename one",
+            )
+        seen[pdef.name] = pdef
+
+
+def _select(program: ast.Program, pattern: str | None, filename: str) -> ast.PatternDef:
+    if pattern is None:
+        return program.patterns[0]
+    for pdef in program.patterns:
+        if pdef.name == pattern:
+            return pdef
+    names = [p.name for p in program.patterns]
+    listing = f"the patterns in this file are {', '.join(names)}"
+    close = did_you_mean(pattern, names)
+    raise SpdError(
+        f"no pattern named '{pattern}' in {filename}", file=filename, hint=f"{close} ({listing})" if close else listing
+    )
+
+
+def pattern_names(text: str, filename: str = "<string>") -> list[str]:
+    """Names of the patterns in ``text``, in file order (raises SpdError on syntax errors or duplicates)."""
+    text = strip_bom(text)
+    program = parse(text, filename)
+    _check_patterns(program, text, filename)
+    return [p.name for p in program.patterns]
+
+
+def compile_ir(
+    text: str, *, filename: str = "<string>", pattern: str | None = None, overrides: Mapping[str, object] | None = None
+) -> ir.PatternIR:
+    """Parse, check and lower one pattern of ``text`` (``pattern`` by name, else the first).
+
+    ``overrides`` maps parameter names to ints and replaces their defaults. Raises
+    :class:`SpdError` -- and nothing else -- for any problem in the text or the overrides.
+    """
+    text = strip_bom(text)
+    program = parse(text, filename)
+    _check_patterns(program, text, filename)
+    pdef = _select(program, pattern, filename)
+    try:
+        return _Lowering(text, filename, pdef).lower(dict(overrides or {}))
+    except RecursionError:  # pragma: no cover - the parser bounds nesting well below the limit
+        line, col = pdef.line, pdef.column
+        raise error_at("expression nested too deeply", text, line, col, file=filename) from None
