@@ -46,7 +46,7 @@ def read_entry(path: Path) -> str | None:
     """The entry's text if present and intact, else None."""
     try:
         data = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # missing, unreadable, or under a non-directory: a miss
         return None
     body, sep, tail = data.rpartition(_FOOTER)
     if not sep or tail.strip() != hashlib.sha256(body.encode()).hexdigest():

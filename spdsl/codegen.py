@@ -157,10 +157,10 @@ def _powers_bases(pat: PatternIR) -> list[int]:
 def embedded_runtime_source() -> str:
     """Source of ir.py + layout.py, to embed in standalone modules (no spdsl import needed)."""
     parts = []
-    for mod in ("ir", "layout"):
+    for mod in ("ir", "primitives", "layout"):
         text = Path(ir_mod.__file__).with_name(f"{mod}.py").read_text(encoding="utf-8")
         text = re.sub(r"^from __future__ import annotations\n", "", text, flags=re.M)
-        text = re.sub(r"^from \.ir import [^\n]+\n", "", text, flags=re.M)
+        text = re.sub(r"^from \.(ir|primitives) import [^\n]+\n", "", text, flags=re.M)
         parts.append(f"# {'-' * 20} spdsl/{mod}.py (spdsl {__version__}) {'-' * 20}\n{text.strip()}\n")
     return "\n\n".join(parts)
 

@@ -135,7 +135,11 @@ def dense_mask(ir: PatternIR, q_len: int, kv_len: int, q_offset: int) -> torch.T
     _check_sizes(q_len, kv_len, 1, 1)
     p = q_offset + torch.arange(q_len, dtype=_I64)[:, None]
     k = torch.arange(kv_len, dtype=_I64)[None, :]
-    mask = keep(ir.expr, TorchOps, p // ir.unit, k // ir.unit).expand(q_len, kv_len)
+    # evaluate once per (query unit, key unit) and expand: units repeat `unit` times
+    uq, q_of = torch.unique(p[:, 0] // ir.unit, return_inverse=True)
+    uk, k_of = torch.unique(k[0] // ir.unit, return_inverse=True)
+    per_unit = keep(ir.expr, TorchOps, uq[:, None], uk[None, :]).expand(uq.numel(), uk.numel())
+    mask = per_unit[q_of][:, k_of]
     if ir.causal:
         mask = mask & (k <= p)
     return mask.contiguous()

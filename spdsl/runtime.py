@@ -95,14 +95,17 @@ def build(pattern, **config) -> SparseAttention:
             return _OPS[key]
         path = cache.cache_dir() / f"{pat.name}_{key}.py"
         cache.get_or_create(path, lambda: render_module(spec))
-        module = _import(path, f"spdsl_gen_{pat.name}_{key}")
+        module = import_generated(path, f"spdsl_gen_{pat.name}_{key}")
         op = SparseAttention(pat, module, path, key)
         _OPS[key] = op
         return op
 
 
-def _import(path: Path, name: str):
+def import_generated(path: Path, name: str):
+    """Import a generated module from ``path`` as ``name`` (registered in sys.modules)."""
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

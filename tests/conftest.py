@@ -36,6 +36,30 @@ settings.load_profile(os.environ.get("SPDSL_HYPOTHESIS_PROFILE", "default"))
 # catastrophic (10-30x) when the CI cores are oversubscribed. SPDSL_TEST_THREADS overrides.
 torch.set_num_threads(max(1, int(os.environ.get("SPDSL_TEST_THREADS", "1"))))
 
+
+def _import_triton_for_the_interpreter() -> None:
+    """Triton fixes interpreted-or-compiled for each ``@triton.jit`` function when it is defined --
+    its own standard library (``tl.zeros``...) at first import. On a CPU-only machine import it in
+    interpreter mode before any test (or torch's Flex) does, so tests that switch
+    ``TRITON_INTERPRET=1`` on later get a working interpreter; the variable itself is restored, so
+    the op still routes CPU tensors to the reference unless a test asks for the interpreter."""
+    if torch.cuda.is_available():
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:  # no triton on this platform: interpreter tests skip or fail on their own
+        pass
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_for_the_interpreter()
+
 ROOT = _ROOT  # the checkout root, for tests that read patterns/ or templates/
 
 

@@ -77,3 +77,9 @@ def pattern_irs(max_depth: int = 3, unit: st.SearchStrategy[int] | None = None) 
         units() if unit is None else unit,
         st.booleans(),
     )
+
+
+#: Sequence lengths, query offsets and tile sizes for layout properties (odd values on purpose).
+lengths = st.integers(0, 70)
+offsets = st.one_of(st.none(), st.integers(-80, 80))
+blocks = st.integers(1, 16)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spdsl import analyze as A
+from spdsl import reach as R
 from spdsl.ir import All, Band, Dilated, Every, Local, PatternIR, Powers, Segment, Sink, Stride
 from spdsl.layout import Layout, dense_mask
 from spdsl.pattern import Pattern
@@ -144,7 +145,7 @@ def test_random_patterns_match_brute_force(ir, seq, block):
 @pytest.mark.parametrize("seq", [37, 64])
 def test_coarse_graph_is_exact(ir, seq, monkeypatch):
     """Forcing node coarsening (tiny FINE_NODES) must give the same answers, or fall back."""
-    monkeypatch.setattr(A, "FINE_NODES", 4)
+    monkeypatch.setattr(R, "FINE_NODES", 4)
     got = check(ir, seq)
     if ir.name in ("causal", "dense_u1"):
         assert got["node_tokens"] > ir.unit  # dense patterns do coarsen
@@ -155,13 +156,13 @@ def test_coarse_graph_is_exact(ir, seq, monkeypatch):
 def test_random_coarse_match_brute_force(ir, seq, fine):
     import unittest.mock
 
-    with unittest.mock.patch.object(A, "FINE_NODES", fine):
+    with unittest.mock.patch.object(R, "FINE_NODES", fine):
         check(ir, seq)
 
 
 def test_too_many_nodes_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(A, "FINE_NODES", 4)
-    monkeypatch.setattr(A, "MAX_NODES", 8)
+    monkeypatch.setattr(R, "FINE_NODES", 4)
+    monkeypatch.setattr(R, "MAX_NODES", 8)
     with pytest.raises(ValueError, match=r"unit graph of 20 nodes.*smaller --seq"):
         A.analyze(Pattern(sliding(2)), 40)
 

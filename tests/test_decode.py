@@ -11,6 +11,7 @@ import torch
 
 import spdsl
 from spdsl import reference
+from tests.helpers import scoped_env
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -25,17 +26,10 @@ PATTERNS = {
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory):
     """Ops whose decode runs the Triton kernel: on CUDA, or under the interpreter on CPU (this module only)."""
-    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "SPDSL_CACHE_DIR")}
-    os.environ["SPDSL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
     cfg = {} if CUDA else {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
-    yield {name: spdsl.build(spdsl.compile(text), **cfg) for name, text in PATTERNS.items()}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    interpret = None if CUDA else "1"
+    with scoped_env(TRITON_INTERPRET=interpret, SPDSL_CACHE_DIR=str(tmp_path_factory.mktemp("cache"))):
+        yield {name: spdsl.build(spdsl.compile(text), **cfg) for name, text in PATTERNS.items()}
 
 
 def ref_decode(pattern, q, kc, vc, seqlens, scale):
