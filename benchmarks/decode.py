@@ -13,7 +13,6 @@ Writes benchmarks/results/decode.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -24,15 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
+from benchmarks.common import bench, cell, write_results  # noqa: E402
 from spdsl.ir import TorchOps, keep  # noqa: E402
 
 CASES = [(8, 32768), (8, 131072), (1, 32768), (64, 32768)]
-
-
-def bench(fn) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
 
 
 def bench_graph(fn, calls: int = 20) -> float:
@@ -207,8 +201,6 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA GPU (none found); the CPU tests cover correctness")
-    import triton
-
     bw = copy_bandwidth()
     print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
     rows: list[dict] = []
@@ -216,26 +208,15 @@ def main() -> None:
         for B, seq in CASES:
             for paged in (False, True):
                 run(name, B, seq, paged, args, bw, rows)
-                doc = {
-                    "gpu": torch.cuda.get_device_name(),
-                    "torch": torch.__version__,
-                    "triton": triton.__version__,
-                    "spdsl": spdsl.__version__,
-                    "copy_bandwidth_Bps": bw,
-                    "command": "python " + " ".join(sys.argv),
-                    "rows": rows,
-                }
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(doc, indent=1))
+                write_results(args.out, rows, copy_bandwidth_Bps=bw)
     print(
         f"\n{'pattern':10s} {'B':>3s} {'seq':>7s} {'paged':>5s} {'spdsl':>8s} {'flex':>8s} {'x flex':>6s} {'floor':>8s} "
         f"{'x floor':>7s} {'sdpa':>8s} ok"
     )
     for r in rows:
-        f = lambda x, w=8, p=4: f"{x:{w}.{p}f}" if isinstance(x, float) else f"{'-':>{w}s}"
         print(
-            f"{r['pattern']:10s} {r['batch']:3d} {r['seq']:7d} {r['paged']!s:>5s} {f(r['spdsl_ms'])} {f(r['flex_ms'])} "
-            f"{f(r['speedup_vs_flex'], 6, 2)} {f(r['floor_ms'])} {f(r['x_floor'], 7, 2)} {f(r['sdpa_dense_ms'])} {r['correct']}"
+            f"{r['pattern']:10s} {r['batch']:3d} {r['seq']:7d} {r['paged']!s:>5s} {cell(r['spdsl_ms'], 8, 4)} {cell(r['flex_ms'], 8, 4)} "
+            f"{cell(r['speedup_vs_flex'], 6, 2)} {cell(r['floor_ms'], 8, 4)} {cell(r['x_floor'], 7, 2)} {cell(r['sdpa_dense_ms'], 8, 4)} {r['correct']}"
         )
     print(f"wrote {args.out}")
 

@@ -12,7 +12,6 @@ Writes benchmarks/results/prefill.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,16 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
+from benchmarks.common import bench, cell, write_results  # noqa: E402
 from spdsl.codegen import KernelConfig  # noqa: E402
 from spdsl.ir import TorchOps, keep  # noqa: E402
 
 PATTERN_FILES = {"power": "power.spd", "sliding_window": "sliding_window.spd", "causal": "causal.spd"}
-
-
-def bench(fn) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median"))
 
 
 def sample_rows(seq: int, block: int = 128) -> torch.Tensor:
@@ -201,32 +195,20 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill.py needs a CUDA GPU (none found); the CPU tests cover correctness")
-    import triton
-
     results: list[dict] = []
     variants = variant_list(args.explore)
     for name in args.patterns:
         for seq in args.seqs:
             run_case(name, seq, args, results, variants)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            doc = {
-                "gpu": torch.cuda.get_device_name(),
-                "torch": torch.__version__,
-                "triton": triton.__version__,
-                "spdsl": spdsl.__version__,
-                "command": "python " + " ".join(sys.argv),
-                "rows": results,
-            }
-            Path(args.out).write_text(json.dumps(doc, indent=1))
+            write_results(args.out, results)
     print(
         f"\n{'pattern':15s} {'seq':>7s} {'tiles/row':>9s} {'spdsl ms':>9s} {'flex ms':>9s} {'x flex':>7s} "
         f"{'TF/s vis':>8s} {'cudnn':>8s} {'fa2':>8s} ok"
     )
     for r in results:
-        f = lambda x, w=9, p=3: f"{x:{w}.{p}f}" if isinstance(x, float) else f"{'-':>{w}s}"
         print(
-            f"{r['pattern']:15s} {r['seq']:7d} {r['tiles_per_row']:9.2f} {f(r['spdsl_ms'])} {f(r['flex_ms'])} "
-            f"{f(r['speedup_vs_flex'], 7, 2)} {f(r['visible_tflops'], 8, 0)} {f(r['cudnn_ms'], 8)} {f(r['fa2_ms'], 8)} "
+            f"{r['pattern']:15s} {r['seq']:7d} {r['tiles_per_row']:9.2f} {cell(r['spdsl_ms'])} {cell(r['flex_ms'])} "
+            f"{cell(r['speedup_vs_flex'], 7, 2)} {cell(r['visible_tflops'], 8, 0)} {cell(r['cudnn_ms'], 8)} {cell(r['fa2_ms'], 8)} "
             f"{r['correct']}"
         )
     print(f"wrote {args.out}")
