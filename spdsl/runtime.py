@@ -9,7 +9,6 @@ traces it without graph breaks), and routes CPU tensors to the blocked reference
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 import threading
@@ -45,19 +44,23 @@ def _versions() -> str:
 
 
 def _configs(config: dict) -> tuple[KernelConfig, ...]:
+    """``configs=[...]``, or one config from keyword options over the default, or the defaults."""
+    options = set(KernelConfig.__dataclass_fields__)
+    unknown = set(config) - options - {"configs"}
+    if unknown:
+        raise TypeError(
+            f"unknown build option(s): {', '.join(sorted(unknown))}; valid: configs, {', '.join(sorted(options))}"
+        )
     if "configs" in config:
-        cfgs = config.pop("configs")
-        out = tuple(c if isinstance(c, KernelConfig) else KernelConfig(*c) for c in cfgs)
+        if len(config) > 1:
+            raise TypeError("pass either configs=[...] or single-config options (block_m=...), not both")
+        out = tuple(c if isinstance(c, KernelConfig) else KernelConfig(*c) for c in config["configs"])
         if not out:
             raise ValueError("configs must hold at least one config")
-    elif config:
-        out = (KernelConfig(**{**DEFAULT_CONFIGS[0].__dict__, **config}),)
-        config.clear()
-    else:
-        out = DEFAULT_CONFIGS
+        return out
     if config:
-        raise TypeError(f"unknown build option(s): {', '.join(config)}")
-    return out
+        return (KernelConfig(**{**DEFAULT_CONFIGS[0].__dict__, **config}),)
+    return DEFAULT_CONFIGS
 
 
 def _as_pattern(pattern) -> Pattern:
@@ -79,7 +82,7 @@ def build(pattern, **config) -> SparseAttention:
     ``configs=[KernelConfig | (bm, bn, warps, stages), ...]`` (timed on the first CUDA call).
     """
     pat = _as_pattern(pattern)
-    configs = _configs(dict(config))
+    configs = _configs(config)
     spec = BuildSpec(pat.ir, pat.source, configs)
     key = cache.cache_key(
         pat.ir.text(),
@@ -146,7 +149,7 @@ class SparseAttention:
 
         CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked reference.
         """
-        if q.device.type == "cpu" and not _interpreting():
+        if q.device.type == "cpu" and not self.module._interpreting():
             self.module._check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
             out, lse = _decode_reference(self.pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
             return (out, lse) if return_lse else out
@@ -156,10 +159,6 @@ class SparseAttention:
 
     def __repr__(self) -> str:
         return f"<spdsl op {self.op_name} from {self.path}>"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _cpu_reference(pattern: Pattern, q, k, v, scale, q_offset):
@@ -203,8 +202,7 @@ def _register(name: str, pattern: Pattern, module):
     def fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.device.type == "cpu" and not _interpreting():
-            module._check_tensors(q, k, v, "BHSD", allow_cpu=True)
+        if q.device.type == "cpu" and not module._interpreting():  # inputs checked by __call__ / the fake
             return _cpu_reference(pattern, q, k, v, scale, q_offset)
         return module.attention(q, k, v, scale=scale, q_offset=q_offset, return_lse=True)
 
@@ -215,7 +213,3 @@ def _register(name: str, pattern: Pattern, module):
         return q.new_empty((B, H, S, D)), q.new_empty((B, H, S), dtype=torch.float32)
 
     return fwd
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
