@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
 from benchmarks.common import bench, cell, write_results  # noqa: E402
-from spdsl.ir import TorchOps, keep  # noqa: E402
+from spdsl.core.ir import TorchOps  # noqa: E402
 
 CASES = [(8, 32768), (8, 131072), (1, 32768), (64, 32768)]
 
@@ -74,7 +74,7 @@ def reference(pattern, q, kc, vc, seqlens, scale):
         v = vc[b, :n].float().transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
         p = torch.arange(n - Sq, n, device=q.device)[:, None]
         kk = torch.arange(n, device=q.device)[None, :]
-        m = keep(pattern.ir.expr, TorchOps, p // pattern.unit, kk // pattern.unit)
+        m = torch.as_tensor(pattern.ir.expr.keep(TorchOps, p // pattern.unit, kk // pattern.unit))
         if pattern.causal:
             m = m & (kk <= p)
         s = (q[b].float().transpose(0, 1) @ k.transpose(-1, -2)) * scale

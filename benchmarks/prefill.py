@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import spdsl  # noqa: E402
 from benchmarks.common import bench, cell, write_results  # noqa: E402
 from spdsl.codegen import KernelConfig  # noqa: E402
-from spdsl.ir import TorchOps, keep  # noqa: E402
+from spdsl.core.ir import TorchOps  # noqa: E402
 
 PATTERN_FILES = {"power": "power.spd", "sliding_window": "sliding_window.spd", "causal": "causal.spd"}
 
@@ -46,7 +46,7 @@ def reference_rows(pattern, q, k, v, rows: torch.Tensor, scale: float) -> torch.
     S = k.shape[2]
     p = (rows.to(q.device) + (S - q.shape[2]))[:, None]
     kk = torch.arange(S, device=q.device)[None, :]
-    m = keep(ir.expr, TorchOps, p // ir.unit, kk // ir.unit)
+    m = torch.as_tensor(ir.expr.keep(TorchOps, p // ir.unit, kk // ir.unit))
     if ir.causal:
         m = m & (kk <= p)
     qs = q[:, :, rows.to(q.device)].float()
@@ -125,7 +125,7 @@ def run_case(name, seq, args, results, variants):
         try:
             op = spdsl.build(pattern) if cfg is None else spdsl.build(pattern, configs=[cfg])
             out = op(q, k, v)
-            chosen = op.module._TUNED.get((D, dtype, q.device), op.module.CONFIGS[0])
+            chosen = op.module.tuned_config(D, dtype, q.device) or op.module.CONFIGS[0]
             label = f"{label} -> {chosen}" if cfg is None else label
             ok, err = check(out[:, :, rows.to(q.device)], ref)
             ms = bench(lambda op=op, q=q, k=k, v=v: op(q, k, v)) if ok else None
@@ -173,11 +173,10 @@ def variant_list(explore: bool):
     if not explore:
         return [("spdsl.build default (autotuned)", None, {})]
     return [
-        ("2 loops 128x128 w8 s3", KernelConfig(128, 128, 8, 3), {}),
-        ("1 loop 128x128 w8 s3", KernelConfig(128, 128, 8, 3, one_loop=True), {}),
-        ("1 loop 128x128 w8 s2", KernelConfig(128, 128, 8, 2, one_loop=True), {}),
-        ("1 loop 128x128 w8 s3 ws", KernelConfig(128, 128, 8, 3, True, True), {}),
-        ("2 loops ptr 128x128 w8 s3", KernelConfig(128, 128, 8, 3), {"SPDSL_NO_TMA": "1"}),
+        ("128x128 w8 s3", KernelConfig(128, 128, 8, 3), {}),
+        ("128x128 w8 s2", KernelConfig(128, 128, 8, 2), {}),
+        ("128x128 w8 s3 ws", KernelConfig(128, 128, 8, 3, True), {}),
+        ("ptr 128x128 w8 s3", KernelConfig(128, 128, 8, 3), {"SPDSL_NO_TMA": "1"}),
     ]
 
 

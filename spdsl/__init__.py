@@ -1,10 +1,30 @@
-"""spdsl: sparse attention patterns as a small language, compiled to Triton kernels."""
+"""spdsl: sparse attention patterns as a small language, compiled to Triton kernels.
 
+>>> import spdsl
+>>> p = spdsl.compile("pattern w(n = 2) { causal attend sink(1) | local(n) }")
+>>> p.layout(1024, 1024, 128, 128).nnz
+15
+"""
+
+from . import limits, reference, resources
 from ._version import __version__
+from .core.ir import PatternIR
 from .errors import SpdError
-from .ir import PatternIR
 from .layout import Layout
 from .pattern import Pattern, compile, load
 from .runtime import SparseAttention, build
 
-__all__ = ["Layout", "Pattern", "PatternIR", "SparseAttention", "SpdError", "__version__", "build", "compile", "load"]
+__all__ = [
+    "Layout",
+    "Pattern",
+    "PatternIR",
+    "SparseAttention",
+    "SpdError",
+    "__version__",
+    "build",
+    "compile",
+    "limits",
+    "load",
+    "reference",
+    "resources",
+]

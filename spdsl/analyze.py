@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from .ir import PatternIR, TorchOps, classify, keep
-from .layout import Layout
-from .reach import as_ir, connected_fraction, reach, unit_graph
+from .core.ir import PatternIR, TorchOps
+from .core.layout import Layout
+from .core.refine import refine
+from .pattern import as_ir
+from .reach import connected_fraction, reach, unit_graph
 
 _I64 = torch.int64
 
@@ -40,24 +42,11 @@ def _causal_area(a, b, c, d):
 
 def _count_rects(ir: PatternIR, p0, p1, k0, k1) -> int:
     """Visible token pairs in the given token rectangles (refined at unit boundaries)."""
-    N, total = ir.unit, 0
-    while p0.numel():
-        Qa, Qb, Ka, Kb = p0 // N, p1 // N, k0 // N, k1 // N
-        any_, all_, _ = classify(ir.expr, TorchOps, Qa, Qb, Ka, Kb)
-        area = _causal_area(p0, p1, k0, k1) if ir.causal else (p1 - p0 + 1) * (k1 - k0 + 1)
-        total += int(area[all_].sum())
-        todo = any_ & ~all_ & (area > 0)
-        if not bool(todo.any()):
-            break
-        p0, p1, k0, k1 = p0[todo], p1[todo], k0[todo], k1[todo]
-        Qa, Qb, Ka, Kb = Qa[todo], Qb[todo], Ka[todo], Kb[todo]
-        if bool(((Qa == Qb) & (Ka == Kb)).any()):  # a unit cell is always decided
-            raise AssertionError("pair counting failed to decide a unit cell")
-        split_q = (Qb - Qa) >= (Kb - Ka)
-        q_mid = (Qa + (Qb - Qa + 1) // 2) * N
-        k_mid = (Ka + (Kb - Ka + 1) // 2) * N
-        p0, p1 = torch.cat([p0, torch.where(split_q, q_mid, p0)]), torch.cat([torch.where(split_q, q_mid - 1, p1), p1])
-        k0, k1 = torch.cat([k0, torch.where(split_q, k0, k_mid)]), torch.cat([torch.where(split_q, k1, k_mid - 1), k1])
+    total = 0
+    live = (lambda r: _causal_area(r.p0, r.p1, r.k0, r.k1) > 0) if ir.causal else None
+    for r in refine(ir, p0, p1, k0, k1, live=live):
+        a, b, c, d = r.p0[r.all], r.p1[r.all], r.k0[r.all], r.k1[r.all]
+        total += int((_causal_area(a, b, c, d) if ir.causal else (b - a + 1) * (d - c + 1)).sum())
     return total
 
 
@@ -129,7 +118,7 @@ def analyze(
     # decode: the last query row, in unit coordinates (its unit is the last one)
     N = ir.unit
     K = torch.arange(-(-seq // N), dtype=_I64)
-    kept = torch.as_tensor(keep(ir.expr, TorchOps, (seq - 1) // N, K)).expand(K.shape)
+    kept = torch.as_tensor(ir.expr.keep(TorchOps, (seq - 1) // N, K)).expand(K.shape)
     decode_keys = int((torch.clamp((K + 1) * N, max=seq) - K * N)[kept].sum())
     row = Layout(ir, 1, seq, block, block)
     t0 = row.kv_idx.long() * block

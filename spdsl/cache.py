@@ -54,27 +54,39 @@ def read_entry(path: Path) -> str | None:
     return body
 
 
-def write_entry(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one; the temp file is removed on any
+    error (which propagates: ``OSError`` when the folder cannot be created or written).
+    """
     directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise CacheError(
-            f"cannot write the spdsl cache at {directory}: {e.strerror or e}; "
-            "set SPDSL_CACHE_DIR to a writable directory"
-        ) from None
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_seal(text))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_entry(path: Path, text: str) -> None:
+    """Write a cache entry atomically, sealed with its checksum footer (:class:`CacheError` if unwritable)."""
+    try:
+        write_atomic(path, _seal(text))
+    except OSError as e:
+        raise CacheError(
+            f"cannot write the spdsl cache at {path.parent}: {e.strerror or e}; "
+            "set SPDSL_CACHE_DIR to a writable directory"
+        ) from None
 
 
 def get_or_create(path: Path, render) -> tuple[str, bool]:

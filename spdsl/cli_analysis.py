@@ -1,4 +1,4 @@
-"""``spdsl show`` and ``spdsl analyze``: pictures and figures of patterns (registered on ``cli.app``)."""
+"""``spdsl show`` and ``spdsl analyze``: pictures and figures of patterns (commands on ``cli_common.app``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import DebugOpt, DefinesOpt, PatternOpt, app, cli_errors, load_from_cli, summary
+from .cli_common import DebugOpt, DefinesOpt, PatternOpt, app, cli_errors, load_from_cli, summary
 
 SeqOpt = Annotated[int, typer.Option("--seq", "-n", min=1, metavar="N", help="Sequence length in tokens.")]
 BlockOpt = Annotated[int, typer.Option("--block", min=1, help="Kernel tile size (q and kv), in tokens.")]

@@ -1,6 +1,6 @@
 """``spdsl build``: write a pattern's standalone module (torch + triton only), optionally check it.
 
-Registered on :data:`spdsl.cli.app` (``cli.py`` imports this module when it exists).
+Adds its command to :data:`spdsl.cli_common.app` (:mod:`spdsl.cli` imports it).
 
 ``spdsl build FILE [-D k=v] [--pattern NAME] [-o DIR] [--check]`` renders the module with
 :func:`spdsl.codegen.render_module` (the runtime's default tile configs), writes ``DIR/<pattern>.py``
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .cli import DebugOpt, DefinesOpt, PatternOpt, _console, _debug_enabled, app, cli_errors, load_from_cli
+from .cli_common import DebugOpt, DefinesOpt, PatternOpt, app, cli_errors, console, debug_enabled, load_from_cli
 
 #: Sequence length at which ``build`` reports the pattern's density (128 x 128 tiles).
 DENSITY_SEQ = 8192
@@ -33,29 +32,6 @@ CHECK_TOL = {"float32": 1e-4, "float16": 4e-3}
 
 class CheckFailed(ValueError):
     """The generated module's output is off the reference by more than the tolerance."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``.
-
-    Readers see the old file or the new one, never a partial one; the temp file is removed on error.
-    """
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a module is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def density_line(pattern, seq: int = DENSITY_SEQ, block: int = DENSITY_BLOCK) -> str:
@@ -153,11 +129,12 @@ def build(
     debug: DebugOpt = False,
 ) -> None:
     """Write a standalone Python module (torch + triton only) with the pattern's Triton kernels."""
+    from .cache import write_atomic
     from .codegen import BuildSpec, render_module
     from .runtime import DEFAULT_CONFIGS
 
-    debug = _debug_enabled(debug)
-    con = _console()
+    debug = debug_enabled(debug)
+    con = console()
     with cli_errors(debug):
         p = load_from_cli(file, define, pattern)
         text = render_module(BuildSpec(p.ir, p.source, DEFAULT_CONFIGS))

@@ -1,4 +1,4 @@
-"""Check a parsed ``.spd`` program and lower one of its patterns to :class:`spdsl.ir.PatternIR`.
+"""Check a parsed ``.spd`` program and lower one of its patterns to :class:`spdsl.core.ir.PatternIR`.
 
 Rules enforced here (each violation is an :class:`SpdError` at the offending text, with a hint):
 
@@ -13,7 +13,7 @@ Rules enforced here (each violation is an :class:`SpdError` at the offending tex
   dividing by zero is an error;
 * a pattern has at most one ``unit`` (1 <= unit <= 2**30; default 1), at most one ``causal``
   and at least one ``attend``; several ``attend`` lines are unioned;
-* primitives are looked up in :data:`spdsl.ir.PRIMITIVES`, called with exactly their number
+* primitives are looked up in :data:`spdsl.core.primitives.PRIMITIVES`, called with exactly their number
   of arguments, and their own range checks (``Primitive.check``) are reported at the argument.
 """
 
@@ -24,8 +24,9 @@ import operator
 import re
 from collections.abc import Mapping
 
-from . import ir
 from . import syntax as ast
+from .core import ir
+from .core.primitives import PRIMITIVES
 from .errors import SpdError, did_you_mean
 from .parser import parse
 from .syntax import error_at, error_at_node, strip_bom
@@ -39,6 +40,13 @@ _ARITH = {
     "//": operator.floordiv,  # floor division and modulo, as in Python and DESIGN.md
     "%": operator.mod,
 }
+
+
+def describe(prim_cls: type[ir.Primitive]) -> str:
+    """One-line signature and meaning, for error hints: ``local(w): unit distance |d| < w ...``."""
+    args = ", ".join(prim_cls.arg_names)
+    sig = f"{prim_cls.name}({args})" if prim_cls.arg_names else prim_cls.name
+    return f"{sig}: {prim_cls.doc}"
 
 
 class _Lowering:
@@ -204,7 +212,7 @@ class _Lowering:
         return self.lower_call(node)
 
     def lower_call(self, call: ast.Call) -> ir.Primitive:
-        cls = ir.PRIMITIVES.get(call.name)
+        cls = PRIMITIVES.get(call.name)
         name_node = ast.Name(
             call.name,
             line=call.line,
@@ -221,21 +229,21 @@ class _Lowering:
                 if want == 0
                 else f"{want} argument{'s' if want > 1 else ''} ({', '.join(cls.arg_names)})"
             )
-            raise self.error(call, f"{cls.name} takes {takes}, got {len(call.args)}", hint=ir.describe(cls))
+            raise self.error(call, f"{cls.name} takes {takes}, got {len(call.args)}", hint=describe(cls))
         prim = cls(*(self.eval_int(a) for a in call.args))
         problems = prim.check()
         if problems:
             index, message = problems[0]
-            raise self.error(call.args[index] if index < len(call.args) else call, message, hint=ir.describe(cls))
+            raise self.error(call.args[index] if index < len(call.args) else call, message, hint=describe(cls))
         return prim
 
     def unknown_hint(self, name: str) -> str:
-        close = did_you_mean(name, ir.PRIMITIVES)
+        close = did_you_mean(name, PRIMITIVES)
         if close:
             return close
         if name in {p.name for p in self.pdef.params}:
             return f"'{name}' is a parameter; use it as an argument, e.g. `local({name})`"
-        names = ", ".join(ir.describe(c).split(":")[0] for c in ir.PRIMITIVES.values())
+        names = ", ".join(describe(c).split(":")[0] for c in PRIMITIVES.values())
         return f"the primitives are {names}"
 
 

@@ -38,7 +38,9 @@ import math
 import numpy as np
 import torch
 
-from .ir import Expr, Inter, PatternIR, Primitive, TorchOps, Union, classify
+from .core.ir import PatternIR, TorchOps
+from .core.refine import refine
+from .pattern import as_ir
 
 #: Node count up to which the unit graph is used directly (above it a coarser exact graph is tried).
 FINE_NODES = 4096
@@ -47,11 +49,6 @@ MAX_NODES = 16384
 _BLK = 64  # rows per block of the range-OR structure
 _SHORT = 3  # runs up to this long are gathered row by row
 _I64 = torch.int64
-
-
-def as_ir(pattern) -> PatternIR:
-    """The IR of a Pattern (or the IR itself)."""
-    return pattern if isinstance(pattern, PatternIR) else pattern.ir
 
 
 class _Graph:
@@ -78,48 +75,29 @@ def _merge_runs(rows, a, b):
     return rows[starts], a[starts], np.maximum.reduceat(b, starts)
 
 
-def _intervals(expr: Expr, Qa, Qb, kmax: int, span: int):
-    """(row, lo, hi): key-unit intervals covering every key the expression may keep, per row."""
-    if isinstance(expr, Primitive):
-        lo, hi = torch.broadcast_tensors(*expr.candidates(Qa, Qb, kmax, span))
-        rows = torch.arange(Qa.numel(), dtype=_I64)[:, None].expand_as(lo)
-        return rows.reshape(-1), lo.reshape(-1), hi.reshape(-1)
-    parts = [_intervals(p, Qa, Qb, kmax, span) for p in expr.parts]
-    if isinstance(expr, Union):
-        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
-    if isinstance(expr, Inter):  # any one operand's intervals cover the intersection: take the tightest
-        return min(parts, key=lambda p: int((p[2].clamp(max=kmax) - p[1].clamp(min=0) + 1).clamp(min=0).sum()))
-    return parts[0]  # Diff: within its left operand
-
-
 def _node_runs(ir: PatternIR, n0: int, r: int):
-    """Edge runs between nodes of r units, exact by classify; None if some node pair is mixed.
+    """Edge runs between nodes of r units, exact by the refinement engine; None if some node pair is mixed.
 
-    Seeds are the primitives' candidate key intervals (as the layout uses); each seed is split in
-    halves until classify says all-kept or none, so the work is O(runs * log n) per row.
+    Seeds are the expression's candidate key intervals (as the layout uses); each seed is split
+    at node boundaries until it is all kept or none, so the work is O(runs * log n) per row.
     """
-    n = -(-n0 // r)
+    n, N = -(-n0 // r), ir.unit
     i = torch.arange(n, dtype=_I64)
     bound = (i - 1 if r > 1 else i) if ir.causal else torch.full((n,), n - 1, dtype=_I64)
     Qa, Qb = i * r, torch.clamp(i * r + r, max=n0) - 1
-    row, lo, hi = _intervals(ir.expr, Qa, Qb, n0 - 1, max(1, n * n0 >> 23))  # <= ~8M seeds
-    a, b = lo.clamp(min=0) // r, torch.minimum(hi.clamp(max=n0 - 1) // r, bound[row])
+    lo, hi = torch.broadcast_tensors(*ir.expr.candidates(Qa, Qb, n0 - 1, max(1, n * n0 >> 23)))  # <= ~8M seeds
+    row = i[:, None].expand_as(lo).reshape(-1)
+    a, b = lo.reshape(-1).clamp(min=0) // r, torch.minimum(hi.reshape(-1).clamp(max=n0 - 1) // r, bound[row])
     ok = b >= a
     i, a, b = (torch.from_numpy(x) for x in _merge_runs(row[ok].numpy(), a[ok].numpy(), b[ok].numpy()))
+    Ka, Kb = a * r, torch.clamp(b * r + r, max=n0) - 1
+    Qa, Qb = i * r, torch.clamp(i * r + r, max=n0) - 1
     out = []
-    while i.numel():
-        Qa, Qb = i * r, torch.clamp(i * r + r, max=n0) - 1
-        Ka, Kb = a * r, torch.clamp(b * r + r, max=n0) - 1
-        any_, all_, _ = classify(ir.expr, TorchOps, Qa, Qb, Ka, Kb)
-        out.append((i[all_], a[all_], b[all_]))
-        todo = any_ & ~all_
-        if bool((todo & (a == b)).any()):
-            if r == 1:
-                raise AssertionError("graph refinement failed to decide a unit cell")
+    for p in refine(ir, Qa * N, Qb * N + N - 1, Ka * N, Kb * N + N - 1, grain=r):
+        if bool(p.stuck.any()):
             return None
-        i, a, b = i[todo], a[todo], b[todo]
-        mid = a + (b - a + 1) // 2
-        i, a, b = torch.cat([i, i]), torch.cat([a, mid]), torch.cat([mid - 1, b])
+        node_a, node_b = p.k0 // N // r, p.k1 // N // r
+        out.append((i[p.origin[p.all]], node_a[p.all], node_b[p.all]))
     if r > 1 and ir.causal:
         diag = _diag_loops(ir, n0, r)
         if diag is None:
@@ -148,7 +126,7 @@ def _diag_loops(ir: PatternIR, n0: int, r: int):
     n = -(-n0 // r)
     i = torch.arange(n, dtype=_I64)
     lo, hi = i * r, torch.clamp(i * r + r, max=n0) - 1
-    any_, all_, _ = classify(ir.expr, TorchOps, lo, hi, lo, hi)
+    any_, all_ = (torch.as_tensor(x).expand(lo.shape) for x in ir.expr.classify(TorchOps, lo, hi, lo, hi))
     loop, empty = all_.clone(), ~any_
     todo = (any_ & ~all_).nonzero().flatten()
     for m in sorted(set((hi[todo] - lo[todo] + 1).tolist())):
@@ -159,8 +137,10 @@ def _diag_loops(ir: PatternIR, n0: int, r: int):
             continue
         base = lo[nodes][:, None]
         qa, qb, ka, kb = (base + rects[:, j][None, :] for j in range(4))
-        a2, l2, _ = classify(ir.expr, TorchOps, qa.flatten(), qb.flatten(), ka.flatten(), kb.flatten())
-        a2, l2 = a2.view(qa.shape), l2.view(qa.shape)
+        a2, l2 = (
+            torch.as_tensor(x).expand(qa.numel()).view(qa.shape)
+            for x in ir.expr.classify(TorchOps, qa.flatten(), qb.flatten(), ka.flatten(), kb.flatten())
+        )
         loop[nodes], empty[nodes] = l2.all(1), ~a2.any(1)
     if bool((~loop & ~empty).any()):
         return None
@@ -353,6 +333,3 @@ def connected_fraction(g: _Graph, res: dict) -> float:
         total += int((s * (s - 1) // (2 if g.causal else 1)).sum())
     allowed = g.seq * (g.seq + 1) // 2 if g.causal else g.seq * g.seq
     return total / allowed
-
-
-# ---------------------------------------------------------------------------------- public

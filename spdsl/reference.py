@@ -16,54 +16,19 @@ at absolute position ``q_offset + i``; a row that sees no key returns zeros and 
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
-from .ir import PatternIR, TorchOps, keep
-from .layout import Layout, dense_mask
+from .core.checks import check_qkv, resolve_scale
+from .core.ir import TorchOps
+from .core.layout import Layout, dense_mask
+from .pattern import as_ir
 
 __all__ = ["attention", "attention_blocked", "attention_dense", "check_qkv"]
 
 #: attention_blocked handles the kv tiles of one q-tile in chunks of at most this many score
 #: elements (B * Hq * block_q * keys), so memory stays bounded even for dense rows.
 SCORE_CHUNK_ELEMS = 1 << 22
-
-
-def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int, int]:
-    """Validate q/k/v; returns (B, Hq, Hkv, Sq, Skv, D, Dv). Raises TypeError/ValueError."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
-    B, Hq, Sq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k and v must agree in [batch, heads, seq], got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    Hkv, Skv = k.shape[1], k.shape[2]
-    if k.shape[3] != D:
-        raise ValueError(f"head_dim differs: q has {D}, k has {k.shape[3]}")
-    if D < 1:
-        raise ValueError("head_dim must be >= 1")
-    if Hkv < 1 or Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv}) (GQA)")
-    return B, Hq, Hkv, Sq, Skv, D, v.shape[3]
-
-
-def _scale(scale, D: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
 
 
 def attention_dense(q, k, v, mask, *, scale=None, return_lse: bool = False):
@@ -74,7 +39,7 @@ def attention_dense(q, k, v, mask, *, scale=None, return_lse: bool = False):
     q's device if needed. Rows with no visible key give zeros and LSE -inf.
     """
     B, Hq, Hkv, Sq, Skv, D, _ = check_qkv(q, k, v)
-    sc = _scale(scale, D)
+    sc = resolve_scale(scale, D)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -102,29 +67,13 @@ def attention_dense(q, k, v, mask, *, scale=None, return_lse: bool = False):
     return out, lse
 
 
-def _ir_of(pattern_or_ir) -> PatternIR:
-    if isinstance(pattern_or_ir, PatternIR):
-        return pattern_or_ir
-    ir = getattr(pattern_or_ir, "ir", None)
-    if isinstance(ir, PatternIR):
-        return ir
-    raise TypeError(f"expected a spdsl.Pattern or PatternIR, got {type(pattern_or_ir).__name__}")
-
-
 def attention(pattern_or_ir, q, k, v, *, scale=None, q_offset: int | None = None, return_lse: bool = False):
     """fp64 attention under a pattern: ``attention_dense`` with the pattern's ``dense_mask``.
 
     ``q_offset`` (default ``kv_len - q_len``) is the absolute position of query row 0.
     """
-    ir = _ir_of(pattern_or_ir)
+    ir = as_ir(pattern_or_ir)
     _, _, _, Sq, Skv, _, _ = check_qkv(q, k, v)
-    if q_offset is None:
-        q_offset = Skv - Sq
-    else:
-        try:
-            q_offset = operator.index(q_offset)
-        except TypeError:
-            raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}") from None
     mask = dense_mask(ir, Sq, Skv, q_offset)
     return attention_dense(q, k, v, mask, scale=scale, return_lse=return_lse)
 
@@ -154,7 +103,7 @@ def attention_blocked(layout: Layout, q, k, v, *, scale=None, return_lse: bool =
         )
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    sc = _scale(scale, D)
+    sc = resolve_scale(scale, D)
     ir, N, off = layout.ir, layout.ir.unit, layout.q_offset
     bq, bkv = layout.block_q, layout.block_kv
     G = Hq // Hkv
@@ -187,7 +136,9 @@ def attention_blocked(layout: Layout, q, k, v, *, scale=None, return_lse: bool =
             if not bool(full.all()):
                 part = ~in_full
                 pk = keys[part]  # the predicate is evaluated on the partial tiles' keys only
-                vis = keep(ir.expr, TorchOps, pos[:, None] // N, pk[None, :] // N).expand(pos.numel(), pk.numel())
+                vis = torch.as_tensor(ir.expr.keep(TorchOps, pos[:, None] // N, pk[None, :] // N)).expand(
+                    pos.numel(), pk.numel()
+                )
                 if ir.causal:
                     vis = vis & (pk[None, :] <= pos[:, None])
                 mask = torch.ones(pos.numel(), keys.numel(), dtype=torch.bool)

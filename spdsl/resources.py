@@ -1,18 +1,18 @@
 """Where the grammar, templates and shipped patterns live: an installed wheel or a checkout.
 
 The wheel carries ``grammar/``, ``templates/`` and ``patterns/`` under ``spdsl/_data/``
-(``pyproject.toml``: hatch ``force-include``); a checkout (or an editable install) has them at the
-repository's top level. Every module finds them through :func:`data_path`, so both give the same
-answer.
+(``pyproject.toml``: hatch ``force-include``), found through :mod:`importlib.resources`; a
+checkout (or an editable install) has them at the repository's top level. Every module finds them
+through :func:`data_path`, so both give the same answer.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path, PurePosixPath
 
-_PKG = Path(__file__).resolve().parent
-#: Searched in this order: the installed wheel's data, then the checkout's top level.
-_BASES = (_PKG / "_data", _PKG.parent)
+#: Searched in this order: the installed package's data, then the checkout's top level.
+_BASES = (Path(str(importlib.resources.files("spdsl") / "_data")), Path(__file__).resolve().parent.parent)
 
 
 def data_path(rel: str) -> Path:

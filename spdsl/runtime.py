@@ -18,16 +18,14 @@ import torch
 
 from . import cache
 from ._version import __version__
-from .codegen import BuildSpec, KernelConfig, embedded_runtime_source, render_module, template_texts
-from .ir import PatternIR
-from .pattern import Pattern
+from .codegen import BuildSpec, KernelConfig, embedded_core, render_module, template_texts
+from .core.checks import resolve_scale
+from .core.ir import resolve_q_offset
+from .pattern import Pattern, as_pattern
 
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
-DEFAULT_CONFIGS = (
-    KernelConfig(128, 128, 8, 3),
-    KernelConfig(128, 128, 8, 3, one_loop=True),
-    KernelConfig(128, 128, 8, 2, one_loop=True),
-)
+#: 3 stages won every measured Hopper row; 2 stages is what GPUs with less shared memory can compile.
+DEFAULT_CONFIGS = (KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 2))
 
 _LOCK = threading.Lock()
 _OPS: dict[str, SparseAttention] = {}
@@ -63,32 +61,37 @@ def _configs(config: dict) -> tuple[KernelConfig, ...]:
     return DEFAULT_CONFIGS
 
 
-def _as_pattern(pattern) -> Pattern:
-    if isinstance(pattern, Pattern):
-        return pattern
-    if isinstance(pattern, PatternIR):
-        return Pattern(pattern)
-    if isinstance(pattern, (str, Path)):
-        from .pattern import load
-
-        return load(pattern)
-    raise TypeError(f"spdsl.build expects a Pattern (from spdsl.load/compile), got {type(pattern).__name__}")
-
-
 def build(pattern, **config) -> SparseAttention:
     """Render (or reuse from the on-disk cache) the kernels for ``pattern``; return its op.
 
-    Options: ``block_m``, ``block_n``, ``num_warps``, ``num_stages`` (one fixed config) or
-    ``configs=[KernelConfig | (bm, bn, warps, stages), ...]`` (timed on the first CUDA call).
+    Parameters
+    ----------
+    pattern: a :class:`~spdsl.Pattern` (``spdsl.load`` / ``spdsl.compile``), a ``PatternIR`` or a
+        path to a ``.spd`` file.
+    config: ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``warp_specialize``,
+        (one fixed prefill config), or ``configs=[KernelConfig | tuple, ...]``
+        (timed on the first CUDA call per head dim and dtype). Default: :data:`DEFAULT_CONFIGS`.
+
+    Returns
+    -------
+    The op: ``op(q, k, v)``, ``op.varlen(...)``, ``op.decode(...)``. The generated module is
+    cached on disk (``SPDSL_CACHE_DIR``), keyed by everything that determines its text.
+
+    >>> import torch, spdsl
+    >>> op = spdsl.build(spdsl.compile("pattern w() { causal attend local(16) }"))
+    >>> q = k = v = torch.randn(1, 2, 40, 16)
+    >>> ref = spdsl.reference.attention(op.pattern, q, k, v)
+    >>> bool((op(q, k, v).double() - ref).abs().max() < 1e-5)
+    True
     """
-    pat = _as_pattern(pattern)
+    pat = as_pattern(pattern)
     configs = _configs(config)
     spec = BuildSpec(pat.ir, pat.source, configs)
     key = cache.cache_key(
         pat.ir.text(),
         pat.source,
         template_texts(),
-        embedded_runtime_source(),
+        embedded_core(pat.ir),
         _versions(),
         repr(configs),
         os.environ.get("TRITON_INTERPRET", ""),
@@ -132,10 +135,12 @@ class SparseAttention:
 
     def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
         """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log)."""
-        if q_offset is not None and (isinstance(q_offset, bool) or not isinstance(q_offset, int)):
-            raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__}")
-        self.module._check_tensors(q, k, v, "BHSD", allow_cpu=True)
-        out, lse = self._fwd(q, k, v, None if scale is None else float(scale), q_offset)
+        self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        if q_offset is not None:
+            q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
+        if scale is not None:
+            scale = resolve_scale(scale, q.shape[-1])
+        out, lse = self._fwd(q, k, v, scale, q_offset)
         return (out, lse) if return_lse else out
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
@@ -149,8 +154,8 @@ class SparseAttention:
 
         CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked reference.
         """
-        if q.device.type == "cpu" and not self.module._interpreting():
-            self.module._check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
+        if q.device.type == "cpu" and not self.module.interpreting():
+            self.module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
             out, lse = _decode_reference(self.pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
             return (out, lse) if return_lse else out
         return self.module.decode(
@@ -183,7 +188,7 @@ def _decode_reference(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, bloc
             page = k_cache.shape[1]
             pages = block_table[b, : -(-n // page)].long()
             k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
-        lay = pattern.layout(Sq, n, 64, 64, n - Sq)
+        lay = pattern.layout(Sq, n, 64, 64)  # queries are the last Sq tokens (the default)
         o, l_ = reference.attention_blocked(
             lay,
             q[b : b + 1].transpose(1, 2),
@@ -202,13 +207,13 @@ def _register(name: str, pattern: Pattern, module):
     def fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.device.type == "cpu" and not module._interpreting():  # inputs checked by __call__ / the fake
+        if q.device.type == "cpu" and not module.interpreting():  # inputs checked by __call__ / the fake
             return _cpu_reference(pattern, q, k, v, scale, q_offset)
         return module.attention(q, k, v, scale=scale, q_offset=q_offset, return_lse=True)
 
     @fwd.register_fake
     def _(q, k, v, scale, q_offset):
-        module._check_tensors(q, k, v, "BHSD", allow_cpu=True)
+        module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
         B, H, S, D = q.shape
         return q.new_empty((B, H, S, D)), q.new_empty((B, H, S), dtype=torch.float32)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import Layout
+from .core.layout import Layout
 
 GLYPHS = {"unicode": ("·", "▒", "█"), "ascii": (".", "+", "#")}  # empty, partial, full
 COLOURS = ("#f7f7f7", "#f4a261", "#264653")  # empty, partial, full (PNG)

@@ -11,9 +11,10 @@ import os
 
 from hypothesis import strategies as st
 
-from spdsl import ir
+from spdsl.core import ir
+from spdsl.core import primitives as prims
 
-# One strategy per primitive name, drawing valid small arguments. Every name in ir.PRIMITIVES must
+# One strategy per primitive name, drawing valid small arguments. Every name in prims.PRIMITIVES must
 # appear here (checked at import time, so a new primitive cannot silently escape the property tests).
 _ARGS = {
     "all": st.just(()),
@@ -26,11 +27,11 @@ _ARGS = {
     "every": st.tuples(st.integers(1, 4)),
     "band": st.integers(-4, 4).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo, lo + 5))),
 }
-_missing = set(ir.PRIMITIVES) - set(_ARGS)
+_missing = set(prims.PRIMITIVES) - set(_ARGS)
 if _missing:  # pragma: no cover - fires only when a primitive is added without a strategy
     raise ImportError(f"tests/strategies.py has no argument strategy for primitive(s) {sorted(_missing)}")
 
-PRIMITIVE_NAMES = sorted(ir.PRIMITIVES)
+PRIMITIVE_NAMES = sorted(prims.PRIMITIVES)
 
 
 def n_examples(n: int) -> int:
@@ -41,12 +42,12 @@ def n_examples(n: int) -> int:
 
 def primitive_of(name: str) -> st.SearchStrategy[ir.Primitive]:
     """A primitive of the given name with small valid arguments."""
-    cls = ir.PRIMITIVES[name]
+    cls = prims.PRIMITIVES[name]
     return _ARGS[name].map(lambda args: cls(*args))
 
 
 def primitives() -> st.SearchStrategy[ir.Primitive]:
-    """Any primitive in ``ir.PRIMITIVES`` with small valid arguments."""
+    """Any primitive in ``prims.PRIMITIVES`` with small valid arguments."""
     return st.sampled_from(PRIMITIVE_NAMES).flatmap(primitive_of)
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from spdsl import analyze as A
 from spdsl import reach as R
-from spdsl.ir import All, Band, Dilated, Every, Local, PatternIR, Powers, Segment, Sink, Stride
+from spdsl.core.ir import PatternIR
+from spdsl.core.primitives import All, Band, Dilated, Every, Local, Powers, Segment, Sink, Stride
 from spdsl.layout import Layout, dense_mask
 from spdsl.pattern import Pattern
 from tests.strategies import pattern_irs

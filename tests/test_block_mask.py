@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdsl import ir
-from spdsl.ir import PatternIR
+from spdsl.core import primitives as prims
+from spdsl.core.ir import PatternIR
 from spdsl.layout import Layout, dense_mask
 from tests.strategies import blocks, n_examples, offsets, pattern_irs
 
@@ -107,7 +107,7 @@ def test_flex_attention_eager_cpu_matches_reference(p, shift, block, seed):
 
 def test_flex_empty_rows_give_zero():
     """Rows with no visible key: Flex gives 0, as the reference does."""
-    p = PatternIR("p", 1, True, ir.Local(2))
+    p = PatternIR("p", 1, True, prims.Local(2))
     lay = Layout(p, FLEX_Q, FLEX_KV, 8, 8, q_offset=-10)  # rows 0..9 sit before every key
     q, k, v = torch.randn(1, 1, FLEX_Q, 8), torch.randn(1, 1, FLEX_KV, 8), torch.randn(1, 1, FLEX_KV, 8)
     got = _flex_run(lay, q, k, v)

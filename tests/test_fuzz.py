@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 
-from spdsl import SpdError, ir
+from spdsl import SpdError
+from spdsl.core import ir
+from spdsl.core import primitives as prims
 from spdsl.lower import compile_ir
 from spdsl.parser import lark_parser, parse
 from tests.strategies import n_examples
@@ -46,7 +48,7 @@ pattern dilated(w = 20, r = 1) { attend dilated(w, r) - band(-1, -1 + 0 * w // r
 ]
 
 KEYWORDS = {"pattern", "unit", "causal", "attend"}
-NAMES = [*ir.PRIMITIVES, "w", "s", "window", "x", "locl", "all"]
+NAMES = [*prims.PRIMITIVES, "w", "s", "window", "x", "locl", "all"]
 
 
 def _name_strategy() -> st.SearchStrategy[str]:
@@ -195,7 +197,7 @@ def int_text(draw, value: int) -> str:
 
 @st.composite
 def primitive(draw) -> tuple[str, int, ir.Expr]:
-    cls = draw(st.sampled_from(list(ir.PRIMITIVES.values())))
+    cls = draw(st.sampled_from(list(prims.PRIMITIVES.values())))
     if cls.name == "band":
         lo, hi = sorted(draw(st.lists(st.integers(-40, 40), min_size=2, max_size=2)))
         args = [lo, hi]

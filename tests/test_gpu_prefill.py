@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import spdsl
-from spdsl.ir import TorchOps, keep
+from spdsl.core.ir import TorchOps
 from tests.helpers import scoped_env
 
 pytestmark = [
@@ -58,7 +58,7 @@ def mask_rows(pattern, rows: torch.Tensor, q_offset: int, kv_len: int, device) -
     ir = pattern.ir
     p = (rows.to(device) + q_offset)[:, None]
     kk = torch.arange(kv_len, device=device)[None, :]
-    m = keep(ir.expr, TorchOps, torch.div(p, ir.unit, rounding_mode="floor"), kk // ir.unit)
+    m = torch.as_tensor(ir.expr.keep(TorchOps, torch.div(p, ir.unit, rounding_mode="floor"), kk // ir.unit))
     m = m.expand(rows.numel(), kv_len)
     if ir.causal:
         m = m & (kk <= p)

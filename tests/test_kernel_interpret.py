@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spdsl
-from spdsl import ir, reference
+from spdsl import reference
+from spdsl.core import primitives as prims
 from tests.helpers import nan_buffers, scoped_env
 from tests.strategies import pattern_irs
 
@@ -145,7 +146,7 @@ PRIMITIVE_CASES = [
 
 def test_primitive_cases_cover_every_primitive():
     names = {p.name for s in PRIMITIVE_CASES for p in spdsl.compile(f"pattern p {{ {s} }}").ir.expr.primitives()}
-    assert names == set(ir.PRIMITIVES)
+    assert names == set(prims.PRIMITIVES)
 
 
 @pytest.mark.parametrize("body", PRIMITIVE_CASES)

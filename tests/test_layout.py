@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from spdsl import ir
-from spdsl.ir import Diff, Inter, PatternIR, Union
+from spdsl.core import primitives as prims
+from spdsl.core.ir import Diff, Inter, PatternIR, Union
 from spdsl.layout import Layout, build_csr, dense_mask
 from spdsl.pattern import Pattern
 from tests.strategies import blocks, exprs, lengths, n_examples, offsets, pattern_irs, primitives
@@ -143,7 +143,7 @@ def test_each_primitive_with_negative_positions(prim, unit, causal, q_offset):
 
 
 def test_dense_mask_default_offset_is_bottom_right():
-    p = PatternIR("c", 1, True, ir.All())
+    p = PatternIR("c", 1, True, prims.All())
     m = Pattern(p).dense_mask(3, 5)  # queries are the last 3 of 5 tokens
     assert m.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
     m = Pattern(p).dense_mask(5, 3)  # q_len > kv_len: the first two rows sit at -2, -1 and see nothing
@@ -152,12 +152,12 @@ def test_dense_mask_default_offset_is_bottom_right():
 
 def test_floor_semantics_spot_checks():
     """Hand-computed cells for negative positions (Python floor, not C truncation)."""
-    seg = PatternIR("s", 2, False, ir.Segment(2))  # units of 2 tokens, segments of 2 units = 4 tokens
+    seg = PatternIR("s", 2, False, prims.Segment(2))  # units of 2 tokens, segments of 2 units = 4 tokens
     m = dense_mask(seg, 1, 4, -3)  # position -3: unit -2, segment -1 -> sees no key in [0, 4)
     assert m.tolist() == [[False] * 4]
     m = dense_mask(seg, 1, 8, 5)  # position 5: unit 2, segment 1 -> keys 4..7
     assert m.tolist() == [[False] * 4 + [True] * 4]
-    stride = PatternIR("t", 3, False, ir.Stride(2))  # position -1: unit -1; keys units 1, 3 (|d| = 2, 4)
+    stride = PatternIR("t", 3, False, prims.Stride(2))  # position -1: unit -1; keys units 1, 3 (|d| = 2, 4)
     assert dense_mask(stride, 1, 12, -1).tolist() == [[k // 3 in (1, 3) for k in range(12)]]
 
 
@@ -193,7 +193,7 @@ def test_layout_longer_sequences(expr, unit, causal, q_len, kv_len, shift, block
 
 @pytest.mark.parametrize(("q_len", "kv_len"), [(0, 0), (0, 17), (17, 0)], ids=["both-empty", "no-queries", "no-keys"])
 def test_empty_lengths(q_len, kv_len):
-    p = PatternIR("p", 4, True, ir.Sink(1) | ir.Local(5) | ir.Powers(2))
+    p = PatternIR("p", 4, True, prims.Sink(1) | prims.Local(5) | prims.Powers(2))
     lay = Layout(p, q_len, kv_len, 8, 8)
     assert lay.n_q_tiles == -(-q_len // 8) and lay.kv_ptr.tolist() == [0] * (lay.n_q_tiles + 1)
     assert lay.nnz == 0 and lay.kv_idx.dtype == torch.int32 and lay.kv_full.dtype == torch.bool
@@ -214,7 +214,7 @@ def test_empty_lengths(q_len, kv_len):
 )
 def test_bad_sizes_raise_value_error(sizes):
     q_len, kv_len, bq, bkv = sizes
-    p = PatternIR("p", 1, True, ir.All())
+    p = PatternIR("p", 1, True, prims.All())
     with pytest.raises(ValueError, match=r"must be an integer"):
         Layout(p, q_len, kv_len, bq, bkv)
     with pytest.raises(ValueError):
@@ -222,7 +222,7 @@ def test_bad_sizes_raise_value_error(sizes):
 
 
 def test_bad_lengths_dense_mask():
-    p = PatternIR("p", 1, False, ir.All())
+    p = PatternIR("p", 1, False, prims.All())
     with pytest.raises(ValueError):
         dense_mask(p, -1, 4, 0)
 
@@ -255,7 +255,11 @@ def power_attention_mask(q_len: int, kv_len: int, block: int, window: int, sinks
 def power_ir(unit: int, window: int = 5, sinks: int = 1) -> PatternIR:
     """DESIGN.md's power example: ``causal; attend sink(sinks) | local(window) | powers(2)``."""
     return PatternIR(
-        "power", unit, True, ir.Sink(sinks) | ir.Local(window) | ir.Powers(2), {"window": window, "sinks": sinks}
+        "power",
+        unit,
+        True,
+        prims.Sink(sinks) | prims.Local(window) | prims.Powers(2),
+        {"window": window, "sinks": sinks},
     )
 
 
@@ -382,11 +386,11 @@ def test_power_layout_rows_are_exact_at_1m():
 def test_strategies_cover_every_primitive():
     from tests.strategies import PRIMITIVE_NAMES
 
-    assert set(PRIMITIVE_NAMES) == set(ir.PRIMITIVES)
+    assert set(PRIMITIVE_NAMES) == set(prims.PRIMITIVES)
 
 
 @settings(max_examples=n_examples(100), deadline=None)
 @given(prim=primitives())
 def test_strategy_primitives_are_valid(prim):
     assert prim.check() == []
-    assert type(prim) is ir.PRIMITIVES[prim.name]
+    assert type(prim) is prims.PRIMITIVES[prim.name]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import spdsl
-from spdsl import SpdError, ir
+from spdsl import SpdError
+from spdsl.core import primitives as prims
 from spdsl.lower import compile_ir, pattern_names
 
 POWER = """\
@@ -63,8 +64,8 @@ def test_defaults_unit_1_and_not_causal():
 def test_all_primitives_lower_to_their_classes():
     src = "all | sink(1) | local(2) | powers(3) | stride(4) | dilated(5, 6) | segment(7) | every(8) | band(-1, 2)"
     expr = compile_ir(body(f"attend {src}")).expr
-    assert sorted(type(p).__name__ for p in expr.primitives()) == sorted(c.__name__ for c in ir.PRIMITIVES.values())
-    assert compile_ir(body("attend all()")).expr == ir.All()
+    assert sorted(type(p).__name__ for p in expr.primitives()) == sorted(c.__name__ for c in prims.PRIMITIVES.values())
+    assert compile_ir(body("attend all()")).expr == prims.All()
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,7 @@ def test_set_precedence_in_ir(src, text):
 )
 def test_integer_expressions_follow_python(expr, value):
     p = compile_ir(body(f"attend band({expr}, {expr})", "w = 5"))
-    assert p.expr == ir.Band(value, value)
+    assert p.expr == prims.Band(value, value)
 
 
 def test_multiple_attend_lines_are_unioned():
@@ -243,7 +244,7 @@ def test_semantic_errors(text, line, column, length, message, hint):
 
 def test_extreme_but_valid_integers():
     p = compile_ir(body("attend band(-2147483647, 2147483647)"))
-    assert p.expr == ir.Band(-(2**31) + 1, 2**31 - 1)
+    assert p.expr == prims.Band(-(2**31) + 1, 2**31 - 1)
     assert compile_ir(body("unit 1073741824\n    attend all")).unit == 2**30
 
 

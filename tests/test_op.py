@@ -118,7 +118,7 @@ def test_integer_dtype(op):
 def test_device_mix(op):
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"one device.*cpu.*meta"):
-        op.module._check_tensors(q, k.to("meta"), v, "BHSD", allow_cpu=True)
+        op.module.check_inputs(q, k.to("meta"), v, "BHSD", allow_cpu=True)
 
 
 def test_device_mix_through_the_op(op):
@@ -202,7 +202,7 @@ def test_bad_scale(op):
 def test_not_a_tensor_in_the_module(op):
     _, k, v = qkv()
     with pytest.raises(TypeError, match=r"q must be a torch.Tensor, got list"):
-        op.module._check_tensors([[1.0]], k, v, "BHSD", allow_cpu=True)
+        op.module.check_inputs([[1.0]], k, v, "BHSD", allow_cpu=True)
 
 
 def test_not_a_tensor(op):

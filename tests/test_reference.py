@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdsl import ir, reference
-from spdsl.ir import PatternIR
+from spdsl import reference
+from spdsl.core import primitives as prims
+from spdsl.core.ir import PatternIR
 from spdsl.layout import Layout, dense_mask
 from spdsl.pattern import Pattern
 from spdsl.reference import attention, attention_blocked, attention_dense
@@ -114,7 +115,7 @@ def test_large_scores_are_stable():
     mask = torch.ones(4, 5, dtype=torch.bool)
     out, lse = attention_dense(q * 100, k * 100, v, mask, return_lse=True)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    lay = Layout(PatternIR("a", 1, False, ir.All()), 4, 5, 2, 2)
+    lay = Layout(PatternIR("a", 1, False, prims.All()), 4, 5, 2, 2)
     out2, lse2 = attention_blocked(lay, q * 100, k * 100, v, return_lse=True, dtype=torch.float64)
     torch.testing.assert_close(out2.double(), out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse2, lse, atol=1e-8, rtol=1e-10)
@@ -135,7 +136,7 @@ def test_empty_rows_give_zero_and_neg_inf():
 @pytest.mark.parametrize(("Sq", "Skv"), [(0, 0), (0, 5), (5, 0)])
 def test_zero_lengths(Sq, Skv):
     q, k, v = qkv(2, 2, 1, Sq, Skv, 4)
-    p = PatternIR("c", 1, True, ir.All())
+    p = PatternIR("c", 1, True, prims.All())
     for out, lse in (
         attention_dense(q, k, v, torch.ones(Sq, Skv, dtype=torch.bool), return_lse=True),
         attention(p, q, k, v, return_lse=True),
@@ -146,7 +147,7 @@ def test_zero_lengths(Sq, Skv):
 
 
 def test_attention_from_pattern_defaults_to_bottom_right():
-    p = PatternIR("w", 2, True, ir.Local(2) | ir.Sink(1))
+    p = PatternIR("w", 2, True, prims.Local(2) | prims.Sink(1))
     q, k, v = qkv(1, 2, 2, 5, 13, 4)
     got = attention(Pattern(p), q, k, v)
     torch.testing.assert_close(got, attention_dense(q, k, v, dense_mask(p, 5, 13, 8)), atol=0, rtol=0)
@@ -199,7 +200,7 @@ def test_blocked_float64_is_exact(p, q_len, kv_len, blk):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_blocked_output_dtype_follows_q(dtype):
-    p = PatternIR("s", 4, True, ir.Sink(1) | ir.Local(3))
+    p = PatternIR("s", 4, True, prims.Sink(1) | prims.Local(3))
     q, k, v = qkv(1, 4, 2, 33, 33, 16, seed=2, dtype=dtype)
     out = attention_blocked(Layout(p, 33, 33, 8, 8), q, k, v)
     assert out.dtype == dtype
@@ -209,7 +210,7 @@ def test_blocked_output_dtype_follows_q(dtype):
 
 def test_blocked_power_larger_shape():
     """PowerAttention at unit 16 over 1500 tokens (GQA 4): the CPU path agrees with fp64 dense."""
-    p = PatternIR("power", 16, True, ir.Sink(1) | ir.Local(5) | ir.Powers(2))
+    p = PatternIR("power", 16, True, prims.Sink(1) | prims.Local(5) | prims.Powers(2))
     q, k, v = qkv(1, 4, 1, 1500, 1500, 32, seed=11)
     lay = Layout(p, 1500, 1500, 64, 32)
     out, lse = attention_blocked(lay, q, k, v, return_lse=True)
@@ -238,7 +239,7 @@ def test_blocked_never_builds_a_dense_mask(monkeypatch):
 
     monkeypatch.setattr(reference, "dense_mask", boom)
     S = 2048
-    p = PatternIR("sw", 32, True, ir.Sink(1) | ir.Local(2))
+    p = PatternIR("sw", 32, True, prims.Sink(1) | prims.Local(2))
     q, k, v = qkv(1, 1, 1, S, S, 4)
     lay = Layout(p, S, S, 32, 32)
     with Watch():
@@ -251,7 +252,7 @@ def test_blocked_never_builds_a_dense_mask(monkeypatch):
 # Validation
 
 
-P = PatternIR("c", 1, True, ir.All())
+P = PatternIR("c", 1, True, prims.All())
 
 
 def _ok():

@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from spdsl import cli
-from spdsl.ir import All, Local, PatternIR, Powers, Sink
+from spdsl.core.ir import PatternIR
+from spdsl.core.primitives import All, Local, Powers, Sink
 from spdsl.layout import Layout
 from spdsl.pattern import Pattern
 from spdsl.show import cell_grid, render_layout, save_png, save_reach_png

@@ -1,8 +1,10 @@
 """The primitives of the language: one class each, knowing its predicate (``keep``), its exact
-tile classification (``classify``) and the key intervals it may touch (``candidates``).
+rectangle classification (``classify``) and the key intervals it may touch (``candidates``).
 
-A new primitive: one class here, its line in ``PRIMITIVES``, its name in ``grammar/spd.lark``'s
-primitive list, and tests. Imports only torch and :mod:`spdsl.ir` (embedded in generated modules).
+A new primitive is one class here (a subclass of :class:`~spdsl.core.ir.Primitive`; it registers
+itself in :data:`PRIMITIVES` under its ``name``) and its tests; the grammar parses any name and
+:mod:`spdsl.lower` resolves it here. Torch and :mod:`spdsl.core.ir` only (embedded in generated
+modules, tree-shaken to the primitives a pattern uses).
 """
 
 from __future__ import annotations
@@ -238,8 +240,5 @@ class Band(Primitive):
         return (Qa - self.hi)[:, None], (Qb - self.lo)[:, None]
 
 
-#: Every primitive by its name in the language. A new primitive: a class above, a line here,
-#: a grammar name in grammar/spd.lark, and tests.
-PRIMITIVES: dict[str, type[Primitive]] = {
-    cls.name: cls for cls in (All, Sink, Local, Powers, Stride, Dilated, Segment, Every, Band)
-}
+#: Every primitive by its name in the language, in definition order (every subclass above).
+PRIMITIVES: dict[str, type[Primitive]] = {cls.name: cls for cls in Primitive.__subclasses__()}

@@ -1,0 +1,1 @@
+"""Adapters to other libraries: FlexAttention (:mod:`.flex`); more to come (transformers)."""
