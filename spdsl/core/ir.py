@@ -179,14 +179,9 @@ class Primitive(Expr):
 
 def _only_one(ops, flags, proven):
     """Where exactly one of ``flags`` holds, and that one is proven."""
-    out = False
-    for i, (f, p) in enumerate(zip(flags, proven)):
-        term = f & p
-        for j, g in enumerate(flags):
-            if j != i:
-                term = term & ops.not_(g)
-        out = out | term
-    return out
+    others = [[ops.not_(g) for j, g in enumerate(flags) if j != i] for i in range(len(flags))]
+    terms = [functools.reduce(operator.and_, [f & p, *rest]) for f, p, rest in zip(flags, proven, others)]
+    return functools.reduce(operator.or_, terms)
 
 
 class SetOp(Expr):
@@ -214,38 +209,33 @@ class SetOp(Expr):
         return [p for part in self.parts for p in part.primitives()]
 
 
-class Union(SetOp):
-    symbol = "|"
+class _Flat(SetOp):
+    """``|`` and ``&``: operands combined by ``join``. Exact where every operand but one is
+    neutral on the rectangle (keeps nothing for ``|``, everything for ``&``) and that one is exact."""
 
     def keep(self, ops, Q, K):
-        return functools.reduce(operator.or_, (p.keep(ops, Q, K) for p in self.parts))
+        return functools.reduce(self.join, (p.keep(ops, Q, K) for p in self.parts))
 
     def classify_proven(self, ops, Qa, Qb, Ka, Kb):
         res = [p.classify_proven(ops, Qa, Qb, Ka, Kb) for p in self.parts]
-        any_ = functools.reduce(operator.or_, (r[0] for r in res))
-        all_ = functools.reduce(operator.or_, (r[1] for r in res))
-        # mixed, and exact when a single operand is live and that operand is exact
-        mixed_ok = _only_one(ops, [r[0] for r in res], [r[2] for r in res])
+        any_ = functools.reduce(self.join, (r[0] for r in res))
+        all_ = functools.reduce(self.join, (r[1] for r in res))
+        union = self.join is operator.or_  # an operand matters if it keeps something (|) / drops something (&)
+        matters = [r[0] if union else ops.not_(r[1]) for r in res]
+        mixed_ok = _only_one(ops, matters, [r[2] for r in res])
         return any_, all_, all_ | ops.not_(any_) | mixed_ok
+
+
+class Union(_Flat):
+    symbol, join = "|", operator.or_
 
     def candidates(self, Qa, Qb, kmax, span):
         los, his = zip(*(torch.broadcast_tensors(*p.candidates(Qa, Qb, kmax, span)) for p in self.parts))
         return torch.cat(los, 1), torch.cat(his, 1)
 
 
-class Inter(SetOp):
-    symbol = "&"
-
-    def keep(self, ops, Q, K):
-        return functools.reduce(operator.and_, (p.keep(ops, Q, K) for p in self.parts))
-
-    def classify_proven(self, ops, Qa, Qb, Ka, Kb):
-        res = [p.classify_proven(ops, Qa, Qb, Ka, Kb) for p in self.parts]
-        any_ = functools.reduce(operator.and_, (r[0] for r in res))
-        all_ = functools.reduce(operator.and_, (r[1] for r in res))
-        # mixed, and exact when every operand but one keeps all, and that one is exact
-        mixed_ok = _only_one(ops, [ops.not_(r[1]) for r in res], [r[2] for r in res])
-        return any_, all_, all_ | ops.not_(any_) | mixed_ok
+class Inter(_Flat):
+    symbol, join = "&", operator.and_
 
     def candidates(self, Qa, Qb, kmax, span):
         """Any operand's intervals cover the intersection: the tightest operand's (fewest key units)."""
