@@ -103,7 +103,7 @@ def _report(err: BaseException) -> Text:
     if isinstance(err, SpdError):
         out = Text()
         lines = err.format().splitlines()
-        head, _, msg = lines[0].partition(": ")
+        head, msg = (err.location, lines[0][len(err.location) + 2 :]) if err.location else ("spdsl", lines[0])
         out.append(head + ":", style="bold")
         out.append(" error: ", style="bold red")
         out.append(msg)

@@ -20,7 +20,7 @@ reached iff ``keep(Q, Q)`` (one layer), because a chain between them cannot leav
 Where whole groups of ``r`` units (a *node* of ``r * unit`` tokens) are all-or-nothing in the
 pattern (e.g. dense ``all``; checked exactly with the IR's ``classify``), the same argument
 holds for nodes, and long unit-1 sequences are analyzed on the coarser graph. Otherwise the
-unit graph needs ``ceil(seq / unit) <= MAX_NODES`` nodes, else a ValueError says so.
+unit graph is used, up to the ``reach_nodes`` limit (:mod:`spdsl.core.limits`; SpdError above it).
 
 Reachability runs as a breadth-first search from all nodes at once on bitsets (numpy uint64):
 ``S_L(Q) = OR over edges Q -> K of (S_{L-1}(K) | {K})``. Each row's neighbours are unions of
@@ -39,13 +39,15 @@ import numpy as np
 import torch
 
 from .core.ir import PatternIR, TorchOps
+from .core.limits import limit, require
 from .core.refine import refine
 from .pattern import as_ir
 
 #: Node count up to which the unit graph is used directly (above it a coarser exact graph is tried).
 FINE_NODES = 4096
-#: Largest node count the reachability search accepts (bitset memory ~ n**2 / 2 bytes).
-MAX_NODES = 16384
+#: The largest graph the search accepts is the ``reach_nodes`` limit (bitsets: ~ n**2 bytes in all);
+#: its work (64-bit word operations, estimated from the graph before the search) the ``reach_words`` limit.
+_HINT = "use a smaller --seq, or a pattern with a larger unit"
 _BLK = 64  # rows per block of the range-OR structure
 _SHORT = 3  # runs up to this long are gathered row by row
 _I64 = torch.int64
@@ -156,13 +158,33 @@ def unit_graph(pattern, seq: int) -> _Graph:
         runs = _node_runs(ir, n0, r)
         if runs is not None:
             return _Graph(seq, ir.unit, r, ir.causal, runs)
-        if n0 > MAX_NODES:
-            raise ValueError(
-                f"reachability of {ir.name} at seq={seq} needs its unit graph of {n0} nodes "
-                f"(unit {ir.unit}), more than the {MAX_NODES} the analysis handles; use a smaller --seq "
-                f"(at most {MAX_NODES * ir.unit}) or a pattern with a larger unit"
-            )
+    require(
+        "reach_nodes",
+        n0,
+        f"reachability of {ir.name} at seq={seq:,} on its unit graph (unit {ir.unit})",
+        f"{_HINT} (at most {limit('reach_nodes') * ir.unit:,} tokens at this unit)",
+    )
     return _Graph(seq, ir.unit, 1, ir.causal, _node_runs(ir, n0, 1))
+
+
+def layers_estimate(g: _Graph) -> int:
+    """Layers until the last node's reach stops growing: a breadth-first search from it alone.
+
+    O(layers * (runs + n)); the search over every node needs about as many layers (the last query
+    is the one farthest from the first keys), so this sizes :func:`reach`'s work before it starts.
+    """
+    seen = np.zeros(g.n + 1, dtype=bool)
+    seen[g.n - 1] = True
+    frontier, layers = seen.copy(), 0
+    while frontier.any():
+        sel = frontier[g.rows]
+        cover = np.zeros(g.n + 1, dtype=np.int64)
+        np.add.at(cover, g.a[sel], 1)
+        np.add.at(cover, g.b[sel] + 1, -1)
+        frontier = (np.cumsum(cover) > 0) & ~seen
+        seen |= frontier
+        layers += 1
+    return layers
 
 
 # ------------------------------------------------------------------------------ bitset BFS
@@ -270,6 +292,14 @@ def reach(g: _Graph, max_layers: int | None = None) -> dict:
     nb = -(-n // _BLK)
     npad = nb * _BLK
     plans = _plans(g, *_pieces(g, npad, nb), W)
+    per_layer = sum(sum(m) * w for _, _, w, _, _, m in plans) + (3 * npad + (int(math.log2(nb)) + 2) * nb) * W
+    budget = limit("reach_words")
+    require(
+        "reach_words",
+        per_layer * (min(max_layers, n + 2) if max_layers is not None else layers_estimate(g) + 1),
+        f"reachability on a graph of {n:,} nodes ({g.tokens} tokens each)",
+        _HINT,
+    )
     C = np.zeros((3 * npad + (int(math.log2(nb)) + 1) * nb, W), dtype=np.uint64)
     q = np.arange(n)
     qw, qbit = q >> 6, np.left_shift(np.uint64(1), (q & 63).astype(np.uint64))
@@ -279,10 +309,12 @@ def reach(g: _Graph, max_layers: int | None = None) -> dict:
     remaining = int(np.bitwise_count(T).sum())
     last, own = n - 1, int(g.sizes[-1]) - 1
     curve, full_at, longest, worst = [], (0 if remaining == 0 else None), 0, None
-    limit = max_layers if max_layers is not None else n + 2
+    cap = max_layers if max_layers is not None else n + 2
     L = 0
-    while full_at is None and limit > L:
+    while full_at is None and cap > L:
         L += 1
+        if L * per_layer > 2 * budget:  # the estimate was low: stop before twice the budget is spent
+            require("reach_words", (L + 1) * per_layer, f"reachability (still growing after {L - 1} layers)", _HINT)
         _prepare(C, n, nb, g.causal)
         grew = False
         for r0, r1, w, perm, idx, m in plans:
@@ -311,7 +343,7 @@ def reach(g: _Graph, max_layers: int | None = None) -> dict:
         curve.append(1 + int(g.sizes[row].sum()) - (int(g.sizes[last]) - own if row[last] else 0))
         if remaining == 0:
             full_at = L
-    if full_at is None and max_layers is not None and limit <= L:
+    if full_at is None and max_layers is not None and cap <= L:
         raise ValueError(f"reachability did not settle within {max_layers} layers")
     return {"S": S, "T": T, "curve": curve, "full_at": full_at, "longest": longest, "worst": worst}
 

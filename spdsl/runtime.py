@@ -21,6 +21,7 @@ from ._version import __version__
 from .codegen import BuildSpec, KernelConfig, embedded_core, render_module, template_texts
 from .core.checks import resolve_scale
 from .core.ir import resolve_q_offset
+from .core.limits import require
 from .pattern import Pattern, as_pattern
 
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
@@ -166,18 +167,23 @@ class SparseAttention:
         return f"<spdsl op {self.op_name} from {self.path}>"
 
 
-def _cpu_reference(pattern: Pattern, q, k, v, scale, q_offset):
+def _blocked(lay, q, k, v, scale):
+    """The blocked CPU reference over ``lay`` (q [B, Hq, Sq, D]), refused above the ``cpu_flops`` limit."""
     from . import reference
 
-    lay = pattern.layout(q.shape[2], k.shape[2], 64, 64, q_offset)
-    out, lse = reference.attention_blocked(lay, q, k, v, scale=scale, return_lse=True)
+    B, Hq, _, D = q.shape
+    flops = 4 * B * Hq * D * lay.nnz * lay.block_q * lay.block_kv
+    require("cpu_flops", flops, f"attention on the CPU ({lay!r})", "use a GPU, or shorter sequences")
+    return reference.attention_blocked(lay, q, k, v, scale=scale, return_lse=True)
+
+
+def _cpu_reference(pattern: Pattern, q, k, v, scale, q_offset):
+    out, lse = _blocked(pattern.layout(q.shape[2], k.shape[2], 64, 64, q_offset), q, k, v, scale)
     return out.to(q.dtype), lse.float()
 
 
 def _decode_reference(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale):
     """CPU decode: gather each sequence's keys (paged or not) and run the blocked reference."""
-    from . import reference
-
     B, Sq, Hq, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
@@ -189,14 +195,7 @@ def _decode_reference(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, bloc
             pages = block_table[b, : -(-n // page)].long()
             k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
         lay = pattern.layout(Sq, n, 64, 64)  # queries are the last Sq tokens (the default)
-        o, l_ = reference.attention_blocked(
-            lay,
-            q[b : b + 1].transpose(1, 2),
-            k[None].transpose(1, 2),
-            v[None].transpose(1, 2),
-            scale=scale,
-            return_lse=True,
-        )
+        o, l_ = _blocked(lay, q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2), scale)
         out[b] = o[0].transpose(0, 1).to(q.dtype)
         lse[b] = l_[0].float()
     return out, lse

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from .core.layout import Layout
+from .core.limits import require
+from .errors import SpdError
 
 GLYPHS = {"unicode": ("·", "▒", "█"), "ascii": (".", "+", "#")}  # empty, partial, full
 COLOURS = ("#f7f7f7", "#f4a261", "#264653")  # empty, partial, full (PNG)
@@ -32,6 +34,7 @@ def cell_grid(layout: Layout, width: int) -> tuple[torch.Tensor, int]:
     nq, nk = layout.n_q_tiles, layout.n_kv_tiles
     f = max(1, -(-max(nq, nk) // width))
     rows, cols = -(-nq // f), -(-nk // f)
+    require("dense", rows * cols, f"a picture of {rows:,} x {cols:,} cells", "use a smaller --width")
     tile_row = torch.repeat_interleave(torch.arange(nq), layout.counts())
     cell = (tile_row // f) * cols + layout.kv_idx.long() // f
     seen = torch.bincount(cell, minlength=rows * cols)
@@ -68,7 +71,19 @@ def render_layout(layout: Layout, width: int = 80, *, ascii: bool = False) -> st
 
 
 # ------------------------------------------------------------------------------------- PNG
+def _matplotlib():
+    """matplotlib, or an SpdError that says how to get it (it is an optional extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SpdError(
+            "PNG figures need matplotlib, which is not installed", hint="pip install 'spdsl[plot]'"
+        ) from None
+    return matplotlib
+
+
 def _figure(width_in: float = 10, height_in: float = 4.5, dpi: int = 100):
+    _matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -96,6 +111,7 @@ def _plot_curves(ax, curves: list[tuple[str, dict]]) -> None:
 
 def save_png(pattern, seq: int, path: str | Path, *, block: int = 128, results: dict | None = None) -> Path:
     """A 1000x450 px figure: the tile layout (axes in tokens) beside the receptive field by layer."""
+    _matplotlib()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 

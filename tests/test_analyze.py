@@ -162,10 +162,12 @@ def test_random_coarse_match_brute_force(ir, seq, fine):
 
 
 def test_too_many_nodes_is_a_clear_error(monkeypatch):
+    from spdsl import SpdError, limits
+
     monkeypatch.setattr(R, "FINE_NODES", 4)
-    monkeypatch.setattr(R, "MAX_NODES", 8)
-    with pytest.raises(ValueError, match=r"unit graph of 20 nodes.*smaller --seq"):
+    with limits.override(reach_nodes=8), pytest.raises(SpdError, match=r"unit graph.*20 graph nodes.*limit of 8") as e:
         A.analyze(Pattern(sliding(2)), 40)
+    assert "smaller --seq" in e.value.hint and "SPDSL_MAX_REACH_NODES" in e.value.hint
 
 
 @settings(max_examples=60)

@@ -33,14 +33,16 @@ class SpdError(Exception):
         super().__init__(self.format())
 
     @property
-    def location(self) -> str:
-        """``file:line:col`` (``<string>`` without a file; line and column where known)."""
+    def location(self) -> str | None:
+        """``file:line:col`` (``<string>`` for text without a file name); None when nothing is located."""
+        if self.file is None and self.line is None:
+            return None
         parts = [self.file or "<string>", self.line, self.column if self.line is not None else None]
         return ":".join(str(p) for p in parts if p is not None)
 
     def format(self) -> str:
         """The full report: location and message, the source line with a caret under the offender, the hint."""
-        out = [f"{self.location}: {self.message}"]
+        out = [f"{self.location}: {self.message}" if self.location else self.message]
         if self.source_line is not None and self.column is not None:
             src = self.source_line.rstrip("\n").expandtabs(1)
             width = min(self.length, max(1, len(src) - self.column + 1))

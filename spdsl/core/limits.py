@@ -18,10 +18,10 @@ from .errors import SpdError
 
 #: name: (default, environment variable, what is counted, bytes and seconds per counted item)
 LIMITS: dict[str, tuple[int, str, str, float, float]] = {
-    "tiles": (1 << 24, "SPDSL_MAX_TILES", "candidate tiles", 160.0, 6e-7),
+    "tiles": (1 << 24, "SPDSL_MAX_TILES", "candidate tiles", 170.0, 1.1e-7),
     "dense": (1 << 28, "SPDSL_MAX_DENSE", "mask elements", 2.0, 2e-9),
     "reach_nodes": (1 << 14, "SPDSL_MAX_REACH_NODES", "graph nodes", 0.0, 0.0),
-    "reach_words": (1 << 35, "SPDSL_MAX_REACH_WORDS", "bitset word operations", 0.0, 1e-9),
+    "reach_words": (1 << 34, "SPDSL_MAX_REACH_WORDS", "bitset word operations", 0.0, 1.5e-9),
     "cpu_flops": (1 << 38, "SPDSL_MAX_CPU_FLOPS", "floating-point operations on the CPU", 0.0, 2e-10),
 }
 
