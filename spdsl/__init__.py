@@ -6,13 +6,14 @@
 15
 """
 
-from . import limits, reference, resources
+from . import blocked, limits, reference, resources
 from ._version import __version__
 from .core.ir import PatternIR
 from .errors import SpdError
 from .layout import Layout
+from .op import SparseAttention
 from .pattern import Pattern, compile, load
-from .runtime import SparseAttention, build
+from .runtime import build
 
 __all__ = [
     "Layout",
@@ -21,6 +22,7 @@ __all__ = [
     "SparseAttention",
     "SpdError",
     "__version__",
+    "blocked",
     "build",
     "compile",
     "limits",

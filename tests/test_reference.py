@@ -11,12 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdsl import reference
+from spdsl import blocked, reference
+from spdsl.blocked import attention_blocked
 from spdsl.core import primitives as prims
 from spdsl.core.ir import PatternIR
 from spdsl.layout import Layout, dense_mask
 from spdsl.pattern import Pattern
-from spdsl.reference import attention, attention_blocked, attention_dense
+from spdsl.reference import attention, attention_dense
 from tests.strategies import n_examples, pattern_irs
 
 
@@ -179,7 +180,7 @@ def test_blocked_matches_dense(p, B, Hkv, G, q_len, kv_len, shift, block_q, bloc
     lay = Layout(p, q_len, kv_len, block_q, block_kv, q_offset)
     q, k, v = qkv(B, Hkv * G, Hkv, q_len, kv_len, 8, seed=seed)
     # chunk: force several kv chunks per q-tile (online softmax across chunks)
-    with mock.patch.object(reference, "SCORE_CHUNK_ELEMS", chunk or reference.SCORE_CHUNK_ELEMS):
+    with mock.patch.object(blocked, "SCORE_CHUNK_ELEMS", chunk or blocked.SCORE_CHUNK_ELEMS):
         out, lse = attention_blocked(lay, q, k, v, return_lse=True)
     want, want_lse = attention(p, q, k, v, q_offset=lay.q_offset, return_lse=True)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32

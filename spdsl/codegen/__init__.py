@@ -22,11 +22,20 @@ from ..resources import data_path, template_text
 from .embed import embed
 from .triton import predicate, tile_test
 
-__all__ = ["BuildSpec", "KernelConfig", "embedded_core", "predicate", "render_module", "template_texts", "tile_test"]
+__all__ = [
+    "BackwardConfig",
+    "BuildSpec",
+    "KernelConfig",
+    "embedded_core",
+    "predicate",
+    "render_module",
+    "template_texts",
+    "tile_test",
+]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Core names the host templates call.
-HOST_ROOTS = {"build_csr", "resolve_q_offset", "check_qkv", "resolve_scale"}
+HOST_ROOTS = {"build_csr", "transpose_csr", "resolve_q_offset", "check_qkv", "resolve_scale"}
 #: Names the module template imports itself.
 MODULE_IMPORTS = {"functools", "math", "os", "sys", "time", "torch", "triton", "tl", "SimpleNamespace"}
 
@@ -59,12 +68,44 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles and launch settings of the backward kernels; part of the cache key.
+
+    The layout's tiles are ``tile_m x tile_n``; dK/dV walks each q tile in ``dkdv_m``-row blocks,
+    dQ each kv tile in ``dq_n``-key blocks.
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    dkdv_m: int = 64
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
+    dq_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("tile_m", "tile_n", "dkdv_m", "dq_n"):
+            if getattr(self, name) not in (16, 32, 64, 128, 256):
+                raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256; got {getattr(self, name)}")
+        if self.tile_m % self.dkdv_m or self.tile_n % self.dq_n:
+            raise ValueError(f"dkdv_m must divide tile_m and dq_n tile_n, got {self}")
+        for name in ("dkdv_warps", "dq_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{name} must be a power of two <= 16, got {getattr(self, name)}")
+        for name in ("dkdv_stages", "dq_stages"):
+            if not 1 <= getattr(self, name) <= 8:
+                raise ValueError(f"{name} must be in 1..8, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     """Everything that determines the generated module's text."""
 
     pattern: PatternIR
     source: str = ""
     configs: tuple[KernelConfig, ...] = field(default_factory=lambda: (KernelConfig(),))
+    bwd_configs: tuple[BackwardConfig, ...] = field(default_factory=lambda: (BackwardConfig(),))
 
 
 def _env() -> jinja2.Environment:
@@ -110,6 +151,7 @@ def render_module(spec: BuildSpec) -> str:
     source = _definition(spec.source) or pat.text()
     safe_source = textwrap.indent(source.replace("\\", "\\\\").replace('"""', '\\"\\"\\"'), "    ")
     keep, test = predicate(pat), tile_test(pat)
+    keep_t = predicate(pat, q_units="qu[None, :]", k_units="ku[:, None]")
     text = (
         _env()
         .get_template("triton/module.py.jinja")
@@ -123,10 +165,12 @@ def render_module(spec: BuildSpec) -> str:
             unit=pat.unit,
             causal=pat.causal,
             predicate=keep,
+            predicate_t=keep_t,
             tile_test=test,
             floor_pow=bool(keep.pow_bases | test.pow_bases),
             core_source=embedded_core(pat),
             configs=[dataclasses.asdict(c) for c in spec.configs],
+            bwd_configs=[dataclasses.asdict(c) for c in spec.bwd_configs],
         )
     )
     compile(text, f"<spdsl generated {pat.name}>", "exec")  # fail here, not at import time

@@ -1,0 +1,164 @@
+"""The op for one pattern: ``torch.library`` custom ops around a generated module, with autograd.
+
+``op(q, k, v)`` is ``torch.ops.spdsl.<name>_<key>`` (forward: out and LSE) with a fake
+implementation, so ``torch.compile(fullgraph=True)`` traces it, and an autograd formula that calls
+``torch.ops.spdsl.<name>_<key>_bwd`` (dq, dk, dv from out and LSE; nothing O(S^2) is saved). CUDA
+tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the generated Triton kernels; other
+CPU tensors the blocked PyTorch backend (:mod:`spdsl.blocked`), within the ``cpu_flops`` limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .core.checks import resolve_scale
+from .core.ir import resolve_q_offset
+from .core.limits import require
+from .pattern import Pattern
+
+#: Tile size of the CPU backend's layouts.
+CPU_TILE = 64
+
+
+class SparseAttention:
+    """The op for one pattern (from :func:`spdsl.build`): prefill, varlen and decode, differentiable.
+
+    >>> import torch, spdsl
+    >>> op = spdsl.build(spdsl.compile("pattern w() { causal attend sink(1) | local(8) }"))
+    >>> q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    >>> op(q, k, v).sum().backward()
+    >>> q.grad.shape, bool(torch.isfinite(k.grad).all())
+    (torch.Size([1, 2, 24, 16]), True)
+    """
+
+    def __init__(self, pattern: Pattern, module, path: Path, key: str):
+        self.pattern = pattern
+        self.module = module
+        self.path = path
+        self.key = key
+        self.op_name = f"spdsl::{pattern.name}_{key}"
+        self._fwd = _register(self.op_name, pattern, module)
+
+    def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
+        """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log).
+
+        Differentiable in q, k and v (and through LSE when it is returned).
+        """
+        self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        if q_offset is not None:
+            q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
+        if scale is not None:
+            scale = resolve_scale(scale, q.shape[-1])
+        out, lse = self._fwd(q, k, v, scale, q_offset)
+        return (out, lse) if return_lse else out
+
+    def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
+        """Packed sequences (FlashAttention varlen conventions), differentiable; see the generated module."""
+        return self.module.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, return_lse=return_lse
+        )
+
+    def decode(self, q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False):
+        """KV-cache decode (FlashAttention ``flash_attn_with_kvcache`` conventions); see the generated module.
+
+        CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked backend.
+        """
+        if q.device.type == "cpu" and not self.module.interpreting():
+            self.module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
+            out, lse = _decode_cpu(self.pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
+            return (out, lse) if return_lse else out
+        return self.module.decode(
+            q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=return_lse
+        )
+
+    def __repr__(self) -> str:
+        return f"<spdsl op {self.op_name} from {self.path}>"
+
+
+def _cpu_layout(pattern: Pattern, q, k, q_offset):
+    """The CPU backend's layout, refused above the ``cpu_flops`` limit (the work of one forward)."""
+    lay = pattern.layout(q.shape[2], k.shape[2], CPU_TILE, CPU_TILE, q_offset)
+    B, Hq, _, D = q.shape
+    flops = 4 * B * Hq * D * lay.nnz * lay.block_q * lay.block_kv
+    require("cpu_flops", flops, f"attention on the CPU ({lay!r})", "use a GPU, or shorter sequences")
+    return lay
+
+
+def _decode_cpu(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale):
+    """CPU decode: gather each sequence's keys (paged or not) and run the blocked backend."""
+    from .blocked import attention_blocked
+
+    B, Sq, Hq, _ = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if block_table is None:
+            k, v = k_cache[b, :n], v_cache[b, :n]
+        else:
+            page = k_cache.shape[1]
+            pages = block_table[b, : -(-n // page)].long()
+            k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+        qb, kb, vb = q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2)
+        o, l_ = attention_blocked(_cpu_layout(pattern, qb, kb, None), qb, kb, vb, scale=scale, return_lse=True)
+        out[b] = o[0].transpose(0, 1).to(q.dtype)
+        lse[b] = l_[0].float()
+    return out, lse
+
+
+def _register(name: str, pattern: Pattern, module):
+    """Define the forward and backward custom ops and connect them with ``register_autograd``."""
+    from .blocked import attention_blocked, attention_blocked_backward
+
+    def on_cpu(q) -> bool:
+        return q.device.type == "cpu" and not module.interpreting()
+
+    @torch.library.custom_op(name, mutates_args=())
+    def fwd(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if on_cpu(q):  # inputs checked by __call__ / the fake
+            out, lse = attention_blocked(_cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True)
+            return out.to(q.dtype), lse.float()
+        return module.forward(q, k, v, scale=scale, q_offset=q_offset)
+
+    @fwd.register_fake
+    def _(q, k, v, scale, q_offset):
+        module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        B, H, S, D = q.shape
+        return q.new_empty((B, H, S, D)), q.new_empty((B, H, S), dtype=torch.float32)
+
+    @torch.library.custom_op(f"{name}_bwd", mutates_args=())
+    def bwd(
+        dout: torch.Tensor,
+        dlse: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        scale: float | None,
+        q_offset: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if on_cpu(q):
+            lay = _cpu_layout(pattern, q, k, q_offset)
+            return attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
+        return module.backward(dout, q, k, v, out, lse, scale=scale, q_offset=q_offset, dlse=dlse)
+
+    @bwd.register_fake
+    def _(dout, dlse, q, k, v, out, lse, scale, q_offset):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, q_offset = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.args = scale, q_offset
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        return *bwd(dout, dlse, q, k, v, out, lse, *ctx.args), None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
