@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .core.ir import PatternIR, TorchOps
+from .core.ir import PatternIR
 from .core.layout import Layout
 from .core.refine import refine
 from .pattern import as_ir
@@ -69,8 +69,11 @@ def allowed_pairs(layout: Layout) -> int:
     """Pairs full attention would allow: ``k <= q`` (within the keys) for causal patterns, else all."""
     if not layout.ir.causal:
         return layout.q_len * layout.kv_len
-    p = layout.q_offset + torch.arange(layout.q_len, dtype=_I64)
-    return int((p + 1).clamp(min=0, max=layout.kv_len).sum())
+    # the sum over query positions p of clamp(p + 1, 0, kv_len), in closed form: O(1), not O(q_len)
+    a, b, n = layout.q_offset + 1, layout.q_offset + layout.q_len, layout.kv_len
+    lo, hi = max(a, 1), min(b, n - 1)
+    ramp = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+    return ramp + max(0, b - max(a, n) + 1) * n
 
 
 # ------------------------------------------------------------------------- the node graph
@@ -115,12 +118,9 @@ def analyze(
     per_key = 2 * kv_heads * head_dim * dtype_bytes
     lay = Layout(ir, seq, seq, block, block)
     vis, allowed = visible_pairs(lay), allowed_pairs(lay)
-    # decode: the last query row, in unit coordinates (its unit is the last one)
-    N = ir.unit
-    K = torch.arange(-(-seq // N), dtype=_I64)
-    kept = torch.as_tensor(ir.expr.keep(TorchOps, (seq - 1) // N, K)).expand(K.shape)
-    decode_keys = int((torch.clamp((K + 1) * N, max=seq) - K * N)[kept].sum())
+    # decode: the last query row's visible keys, counted on its layout (O(its tiles), not O(seq))
     row = Layout(ir, 1, seq, block, block)
+    decode_keys = visible_pairs(row)
     t0 = row.kv_idx.long() * block
     decode_tile_keys = int((torch.clamp(t0 + block, max=seq) - t0).sum())
     g = unit_graph(ir, seq)

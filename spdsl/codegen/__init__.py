@@ -71,25 +71,29 @@ class KernelConfig:
 class BackwardConfig:
     """Tiles and launch settings of the backward kernels; part of the cache key.
 
-    The layout's tiles are ``tile_m x tile_n``; dK/dV walks each q tile in ``dkdv_m``-row blocks,
-    dQ each kv tile in ``dq_n``-key blocks.
+    The layout's tiles are ``tile_m x tile_n``. A dK/dV program owns ``dkdv_n`` keys of a kv tile
+    and walks the q tiles that see it ``dkdv_m`` rows at a time; a dQ program owns ``dq_m`` rows
+    of a q tile and walks its kv tiles ``dq_n`` keys at a time.
     """
 
     tile_m: int = 128
     tile_n: int = 128
     dkdv_m: int = 64
+    dkdv_n: int = 128
     dkdv_warps: int = 8
     dkdv_stages: int = 2
+    dq_m: int = 128
     dq_n: int = 64
     dq_warps: int = 8
     dq_stages: int = 2
 
     def __post_init__(self):
-        for name in ("tile_m", "tile_n", "dkdv_m", "dq_n"):
+        for name in ("tile_m", "tile_n", "dkdv_m", "dkdv_n", "dq_m", "dq_n"):
             if getattr(self, name) not in (16, 32, 64, 128, 256):
                 raise ValueError(f"{name} must be one of 16, 32, 64, 128, 256; got {getattr(self, name)}")
-        if self.tile_m % self.dkdv_m or self.tile_n % self.dq_n:
-            raise ValueError(f"dkdv_m must divide tile_m and dq_n tile_n, got {self}")
+        for part, whole in (("dkdv_m", "tile_m"), ("dq_m", "tile_m"), ("dkdv_n", "tile_n"), ("dq_n", "tile_n")):
+            if getattr(self, whole) % getattr(self, part):
+                raise ValueError(f"{part} must divide {whole}, got {self}")
         for name in ("dkdv_warps", "dq_warps"):
             if getattr(self, name) not in (1, 2, 4, 8, 16):
                 raise ValueError(f"{name} must be a power of two <= 16, got {getattr(self, name)}")

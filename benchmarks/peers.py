@@ -1,0 +1,97 @@
+"""The peers every GPU benchmark times beside spdsl, on the identical layout, in the same process.
+
+* FlexAttention (``torch.compile(flex_attention)``) on ``Layout.to_block_mask()``, with its default
+  Triton backend and with ``kernel_options={"BACKEND": "FLASH"}`` (FlashAttention-4 underneath);
+* FA4 dense (``flash_attn.cute.flash_attn_func``, causal) and cuDNN / FA2 dense causal through SDPA.
+
+A peer that is not installed or cannot run a shape is reported (``None`` plus the reason), never
+fatal. Inputs are spdsl's ``[B, H, S, D]``; FA4 wants ``[B, S, H, D]`` and gets transposed copies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def fa4_missing() -> str | None:
+    """None when ``flash_attn.cute`` imports, else why not."""
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"flash_attn.cute is not available: {type(e).__name__}: {str(e)[:160]}"
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_flex(dynamic: bool = False):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=dynamic)
+
+
+def flex(block_mask, q, k, v, scale, *, backend: str = "TRITON", gqa: bool = False):
+    """A callable running compiled FlexAttention with ``backend`` ("TRITON" or "FLASH")."""
+    if backend == "FLASH" and fa4_missing():
+        raise RuntimeError(fa4_missing())
+    compiled = _compiled_flex()
+    options = {"BACKEND": "FLASH"} if backend == "FLASH" else None
+    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": gqa or q.shape[1] != k.shape[1]}
+    if options:
+        kwargs["kernel_options"] = options
+    return lambda: compiled(q, k, v, **kwargs)
+
+
+def fa4_dense_causal(q, k, v, scale):
+    """A callable running FA4's dense causal attention (returns out in spdsl's [B, H, S, D] layout)."""
+    if fa4_missing():
+        raise RuntimeError(fa4_missing())
+    from flash_attn.cute import flash_attn_func
+
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v))
+
+    def run():
+        res = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=True)
+        out = res[0] if isinstance(res, tuple) else res
+        return out.transpose(1, 2)
+
+    run.inputs = (qt, kt, vt)
+    return run
+
+
+def sdpa_causal(backend, q, k, v, scale):
+    """A callable running dense causal SDPA with one backend (``SDPBackend.CUDNN_ATTENTION``...)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def run():
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+
+    return run
+
+
+def fwd_bwd(fn, grad, inputs):
+    """A callable running ``fn()`` then its backward with ``grad`` (gradients of ``inputs`` reset each call)."""
+
+    def run():
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad)
+
+    return run
+
+
+def try_time(timer, fn):
+    """``(ms, None)``, or ``(None, reason)`` when the peer cannot run this case."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return timer(fn), None
+    except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return None, f"{type(e).__name__}: {str(e)[:300]}"

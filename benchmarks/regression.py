@@ -1,0 +1,152 @@
+"""Kernel regression check: the generated modules of a baseline commit vs today's, same inputs, one process.
+
+    git worktree add /tmp/base <commit>   # then, with that checkout's spdsl:
+    (cd /tmp/base && python -m spdsl build patterns/power.spd -o /path/to/.baseline)   # likewise other patterns
+    python benchmarks/regression.py --baseline .baseline
+
+Each case is checked for equal results first (both against each other, within bf16 noise), then
+timed A/B/A/B with ``do_bench`` medians (prefill) or CUDA-graph replays (decode); the better of
+each side's two medians counts. ``ratio`` = today / baseline: above 1.02 is a regression.
+Writes benchmarks/results/regression.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import spdsl  # noqa: E402
+from benchmarks.common import bench, write_results  # noqa: E402
+from benchmarks.decode import bench_graph, paged_copy  # noqa: E402
+
+PREFILL = (
+    [("power", s) for s in (8192, 32768, 131072)]
+    + [("sliding_window", s) for s in (8192, 32768, 131072)]
+    + [("causal", s) for s in (8192, 32768)]
+)
+DECODE = [
+    ("power", 8, 32768),
+    ("power", 8, 131072),
+    ("power", 1, 32768),
+    ("power", 64, 32768),
+    ("streaming", 8, 131072),
+]
+MODULE_NAMES = {"causal": "dense_causal"}
+
+
+def load_baseline(folder: Path, name: str):
+    path = folder / f"{MODULE_NAMES.get(name, name)}.py"
+    spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ab(timer, old, new):
+    """Better of two medians per side, timed old, new, old, new."""
+    t = [timer(fn) for fn in (old, new, old, new)]
+    return min(t[0], t[2]), min(t[1], t[3])
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, required=True, help="folder of the baseline's generated modules")
+    ap.add_argument("--commit", default="", help="the baseline commit, recorded in the JSON")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "regression.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/regression.py needs a CUDA GPU")
+    rows: list[dict] = []
+    H, Hkv, D, dtype = 32, 8, 128, torch.bfloat16
+    for name, seq in PREFILL:
+        old = load_baseline(args.baseline, name)
+        new = spdsl.build(spdsl.load(ROOT / "patterns" / f"{name}.spd"))
+        g = torch.Generator(device="cuda").manual_seed(seq)
+        q, k, v = (torch.randn(1, H, seq, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+        a, b = old.attention(q, k, v), new(q, k, v)
+        t_old, t_new = ab(bench, lambda old=old, x=(q, k, v): old.attention(*x), lambda new=new, x=(q, k, v): new(*x))
+        rows.append(
+            {
+                "kind": "prefill",
+                "pattern": name,
+                "seq": seq,
+                "batch": 1,
+                "heads": H,
+                "head_dim": D,
+                "baseline_ms": t_old,
+                "ms": t_new,
+                "ratio": t_new / t_old,
+                "rel_diff": rel(b, a),
+            }
+        )
+        print(
+            f"prefill {name:15s} {seq:7d} baseline {t_old:.4f} ms  now {t_new:.4f} ms  ratio {t_new / t_old:.3f}  diff {rows[-1]['rel_diff']:.1e}",
+            flush=True,
+        )
+        write_results(args.out, rows, baseline_commit=args.commit)
+        del q, k, v
+        torch.cuda.empty_cache()
+    for name, B, seq in DECODE:
+        old = load_baseline(args.baseline, name)
+        new = spdsl.build(spdsl.load(ROOT / "patterns" / f"{name}.spd"))
+        g = torch.Generator(device="cuda").manual_seed(seq + B)
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=g)
+        kc, vc = (torch.randn(B, seq, Hkv, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+        lens = torch.full((B,), seq, dtype=torch.int32, device="cuda")
+        for paged in (False, True):
+            if paged:
+                kp, vp, bt = paged_copy(kc, vc, 64)
+                args_ = (q, kp, vp, lens)
+                kw = {"block_table": bt}
+            else:
+                args_, kw = (q, kc, vc, lens), {}
+            a, b = old.decode(*args_, **kw), new.decode(*args_, **kw)
+            t_old, t_new = ab(
+                bench_graph,
+                lambda old=old, x=args_, kw=kw: old.decode(*x, **kw),
+                lambda new=new, x=args_, kw=kw: new.decode(*x, **kw),
+            )
+            rows.append(
+                {
+                    "kind": "decode",
+                    "pattern": name,
+                    "seq": seq,
+                    "batch": B,
+                    "paged": paged,
+                    "q_heads": H,
+                    "kv_heads": Hkv,
+                    "head_dim": D,
+                    "baseline_ms": t_old,
+                    "ms": t_new,
+                    "ratio": t_new / t_old,
+                    "rel_diff": rel(b, a),
+                }
+            )
+            print(
+                f"decode  {name:15s} B{B:<3d} {seq:7d} paged={paged!s:5s} baseline {t_old:.4f} ms  now {t_new:.4f} ms  ratio {t_new / t_old:.3f}",
+                flush=True,
+            )
+            write_results(args.out, rows, baseline_commit=args.commit)
+        q = kc = vc = args_ = None
+        torch.cuda.empty_cache()
+    worst = max(rows, key=lambda r: r["ratio"])
+    print(
+        f"\nworst ratio {worst['ratio']:.3f} ({worst['kind']} {worst['pattern']} {worst['seq']}); "
+        f"{sum(r['ratio'] > 1.02 for r in rows)} of {len(rows)} rows above 1.02"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
