@@ -157,8 +157,8 @@ def variant_list(explore: bool):
     if not explore:
         return [("spdsl.build default", None)]
     out = []
-    dkdv = ((64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3), (32, 64, 4, 3))
-    dq = ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3))
+    dkdv = ((64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3))
+    dq = ((128, 64, 8, 2), (64, 64, 4, 2))
     for m, n, w, s in dkdv:
         for qm, qn, wq, sq in dq:
             cfg = BackwardConfig(128, 128, m, n, w, s, qm, qn, wq, sq)
