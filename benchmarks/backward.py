@@ -83,8 +83,8 @@ def run_case(name, seq, hkv, args, rows, variants):
     row["flex_grad_rel_err"] = flex_err
 
     best = None
-    for label, bwd_cfg in variants:
-        op = spdsl.build(pattern) if bwd_cfg is None else spdsl.build(pattern, backward_configs=[bwd_cfg])
+    for label, build_kw in variants:
+        op = spdsl.build(pattern, **build_kw)
         try:
             got = grads(lambda op=op: op(q, k, v), ts, g)
             ok = all(torch.isfinite(x).all().item() for x in got)
@@ -147,6 +147,8 @@ def run_case(name, seq, hkv, args, rows, variants):
     ms = row["spdsl_bwd_ms"]
     row["bwd_visible_tflops"] = 2.5 * fwd_flops / ms / 1e9 if ms else None
     f = row["spdsl_fwdbwd_ms"]
+    fa = row.get("spdsl_atomic_fwdbwd_ms")
+    row["atomic_speedup_vs_flex"] = row["flex_fwdbwd_ms"] / fa if fa and row["flex_fwdbwd_ms"] else None
     for peer in ("flex", "flex_flash", "cudnn", "fa2", "fa4_dense"):
         pm = row.get(f"{peer}_fwdbwd_ms")
         row[f"speedup_vs_{peer}"] = pm / f if pm and f else None
@@ -155,20 +157,27 @@ def run_case(name, seq, hkv, args, rows, variants):
 
 def variant_list(explore: bool):
     if not explore:
-        return [("spdsl.build default", None)]
+        return [
+            ("spdsl.build default (deterministic)", {}),
+            ("atomic dQ (deterministic=False)", {"deterministic": False}),
+        ]
     out = []
     dkdv = ((64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3))
     dq = ((128, 64, 8, 2), (64, 64, 4, 2))
     for m, n, w, s in dkdv:
         for qm, qn, wq, sq in dq:
             cfg = BackwardConfig(128, 128, m, n, w, s, qm, qn, wq, sq)
-            out.append((f"dkdv {m}x{n}/{w}w/{s}s dq {qm}x{qn}/{wq}w/{sq}s", cfg))
+            out.append((f"dkdv {m}x{n}/{w}w/{s}s dq {qm}x{qn}/{wq}w/{sq}s", {"backward_configs": [cfg]}))
+    for m, n, w, s in dkdv:
+        cfg = BackwardConfig(128, 128, m, n, w, s, atomic_dq=True)
+        out.append((f"atomic dkdv {m}x{n}/{w}w/{s}s", {"backward_configs": [cfg]}))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--cases", nargs="*", default=None, metavar="PATTERN:SEQ", help="instead of patterns x seqs")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERN_FILES), choices=list(PATTERN_FILES))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=32)
@@ -185,6 +194,8 @@ def main() -> None:
     rows: list[dict] = []
     variants = variant_list(args.explore)
     cases = [(n, s, args.heads) for n in args.patterns for s in args.seqs]
+    if args.cases:
+        cases = [(c.split(":")[0], int(c.split(":")[1]), args.heads) for c in args.cases]
     if args.gqa_kv_heads and "power" in args.patterns and 32768 in args.seqs:
         cases.append(("power", 32768, args.gqa_kv_heads))
     for name, seq, hkv in cases:
@@ -193,7 +204,8 @@ def main() -> None:
         write_results(args.out, rows, fa4=peers.fa4_missing() or "available")
     print(
         f"\n{'pattern':15s} {'seq':>7s} {'Hkv':>3s} {'fwd':>8s} {'bwd':>8s} {'fwd+bwd':>8s} {'flex':>8s} {'x flex':>6s} "
-        f"{'flash':>8s} {'x flash':>7s} {'cudnn':>8s} {'fa4':>8s} {'TF/s bwd':>8s} {'GiB':>6s} {'flexGiB':>7s} ok"
+        f"{'flash':>8s} {'x flash':>7s} {'cudnn':>8s} {'fa4':>8s} {'TF/s bwd':>8s} {'GiB':>6s} {'flexGiB':>7s} "
+        f"{'atomic':>8s} {'x flex':>6s} ok"
     )
     for r in rows:
         print(
@@ -201,7 +213,8 @@ def main() -> None:
             f"{cell(r['spdsl_fwdbwd_ms'], 8)} {cell(r['flex_fwdbwd_ms'], 8)} {cell(r['speedup_vs_flex'], 6, 2)} "
             f"{cell(r['flex_flash_fwdbwd_ms'], 8)} {cell(r['speedup_vs_flex_flash'], 7, 2)} {cell(r['cudnn_fwdbwd_ms'], 8)} "
             f"{cell(r['fa4_dense_fwdbwd_ms'], 8)} {cell(r['bwd_visible_tflops'], 8, 0)} {cell(r['peak_mem_gib'], 6, 2)} "
-            f"{cell(r['flex_peak_mem_gib'], 7, 2)} {r['correct']}"
+            f"{cell(r['flex_peak_mem_gib'], 7, 2)} {cell(r.get('spdsl_atomic_fwdbwd_ms'), 8)} "
+            f"{cell(r['atomic_speedup_vs_flex'], 6, 2)} {r['correct']}"
         )
     print(f"wrote {args.out}")
 

@@ -23,9 +23,8 @@ import torch
 
 from .core.ir import PatternIR
 from .core.layout import Layout
-from .core.refine import refine
 from .pattern import as_ir
-from .reach import connected_fraction, reach, unit_graph
+from .reach import connected_fraction, reach, refine_within_limit, unit_graph
 
 _I64 = torch.int64
 
@@ -44,7 +43,9 @@ def _count_rects(ir: PatternIR, p0, p1, k0, k1) -> int:
     """Visible token pairs in the given token rectangles (refined at unit boundaries)."""
     total = 0
     live = (lambda r: _causal_area(r.p0, r.p1, r.k0, r.k1) > 0) if ir.causal else None
-    for r in refine(ir, p0, p1, k0, k1, live=live):
+    task = f"counting the visible pairs of {ir.name} ({p0.numel():,} partial tiles refined at unit boundaries)"
+    hint = "use a shorter sequence (--seq)"
+    for r in refine_within_limit(ir, p0, p1, k0, k1, live=live, task=task, hint=hint):
         a, b, c, d = r.p0[r.all], r.p1[r.all], r.k0[r.all], r.k1[r.all]
         total += int((_causal_area(a, b, c, d) if ir.causal else (b - a + 1) * (d - c + 1)).sum())
     return total

@@ -11,8 +11,14 @@ import typer
 
 from .cli_common import DebugOpt, DefinesOpt, PatternOpt, app, cli_errors, load_from_cli, summary
 
-SeqOpt = Annotated[int, typer.Option("--seq", "-n", min=1, metavar="N", help="Sequence length in tokens.")]
-BlockOpt = Annotated[int, typer.Option("--block", min=1, help="Kernel tile size (q and kv), in tokens.")]
+#: Token positions (and so lengths and tile sizes) are int32 throughout (:data:`spdsl.core.ir.INT_LIMIT`).
+_MAX_TOKENS = 2**31 - 1
+SeqOpt = Annotated[
+    int, typer.Option("--seq", "-n", min=1, max=_MAX_TOKENS, metavar="N", help="Sequence length in tokens.")
+]
+BlockOpt = Annotated[
+    int, typer.Option("--block", min=1, max=_MAX_TOKENS, help="Kernel tile size (q and kv), in tokens.")
+]
 PngOpt = Annotated[Path | None, typer.Option("--png", metavar="PATH", help="Also write a PNG figure here.")]
 
 

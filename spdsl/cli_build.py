@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from .cli_common import DebugOpt, DefinesOpt, PatternOpt, app, cli_errors, console, debug_enabled, load_from_cli
+from .errors import SpdError
 
 #: Sequence length at which ``build`` reports the pattern's density (128 x 128 tiles).
 DENSITY_SEQ = 8192
@@ -113,6 +114,20 @@ def run_check(path: Path, pattern) -> dict:
     }
 
 
+def _write_module(target: Path, text: str) -> None:
+    """Write the module atomically; an output folder that cannot be made or written is an SpdError."""
+    from .cache import write_atomic
+
+    folder = target.parent
+    how = "-o names the folder to write into (created if missing)"
+    if folder.exists() and not folder.is_dir():
+        raise SpdError(f"cannot write {target}: {folder} is a file, not a folder", hint=how)
+    try:
+        write_atomic(target, text)
+    except OSError as e:
+        raise SpdError(f"cannot write {target}: {e.strerror or e}", hint=f"{how}; pick one you can write") from None
+
+
 @app.command()
 def build(
     file: Annotated[Path, typer.Argument(help="The .spd file.", show_default=False)],
@@ -129,7 +144,6 @@ def build(
     debug: DebugOpt = False,
 ) -> None:
     """Write a standalone Python module (torch + triton only) with the pattern's Triton kernels."""
-    from .cache import write_atomic
     from .codegen import BuildSpec, render_module
     from .runtime import DEFAULT_CONFIGS
 
@@ -139,7 +153,7 @@ def build(
         p = load_from_cli(file, define, pattern)
         text = render_module(BuildSpec(p.ir, p.source, DEFAULT_CONFIGS))
         target = Path(out) / f"{p.name}.py"
-        write_atomic(target, text)
+        _write_module(target, text)
         n_lines = text.count("\n") + (not text.endswith("\n"))
         kib = len(text.encode("utf-8")) / 1024
         con.print(f"wrote {target} ({n_lines} lines, {kib:.1f} KiB)")

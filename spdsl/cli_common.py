@@ -36,8 +36,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-#: ``-D name=value``: a pattern parameter; the value an integer (sign and ``_`` separators allowed).
-_DEFINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([+-]?\d[\d_]*)\s*$")
+#: ``-D name=value``: a pattern parameter; the value an integer (sign and ``_`` separators allowed),
+#: in ASCII digits as in a .spd file (``\d`` alone would take any script's digits: ``int("١")`` is 1).
+_DEFINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([+-]?\d[\d_]*)\s*$", re.ASCII)
 
 # Option types shared by the command modules (Annotated, so defaults stay plain Python values).
 DefinesOpt = Annotated[

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from .core.ir import PatternIR, TorchOps
-from .core.limits import limit, require
+from .core.limits import LIMITS, cost, limit, require
 from .core.refine import refine
+from .errors import SpdError
 from .pattern import as_ir
 
 #: Node count up to which the unit graph is used directly (above it a coarser exact graph is tried).
@@ -51,6 +52,31 @@ _HINT = "use a smaller --seq, or a pattern with a larger unit"
 _BLK = 64  # rows per block of the range-OR structure
 _SHORT = 3  # runs up to this long are gathered row by row
 _I64 = torch.int64
+
+
+def refine_within_limit(ir: PatternIR, p0, p1, k0, k1, *, task: str, hint: str, **kw):
+    """:func:`~spdsl.core.refine.refine`, refused (``tiles`` limit) before a round would take the
+    pieces examined past the limit.
+
+    Refinement can take one piece per unit cell (``every(2)`` at unit 1 is a checkerboard), so its
+    work is not known from the tile count: it is added up round by round, each round's pieces
+    (twice the previous round's undecided ones) counted before the round runs.
+    """
+    live, cap = kw.get("live"), limit("tiles")
+    examined = p0.numel()
+    require("tiles", examined, task, hint)
+    for pieces in refine(ir, p0, p1, k0, k1, **kw):
+        yield pieces
+        todo = pieces.any & ~pieces.all & ~pieces.stuck
+        if live is not None:
+            todo &= live(pieces)
+        examined += 2 * int(todo.sum())
+        if examined > cap:  # a lower bound: how many more rounds would follow is not known
+            raise SpdError(
+                f"{task} needs more than {cost('tiles', examined)} and is still refining, "
+                f"over the limit of {cost('tiles', cap)}",
+                hint=f"{hint}; or raise the limit, e.g. {LIMITS['tiles'][1]}={4 * examined:d}",
+            )
 
 
 class _Graph:
@@ -95,7 +121,8 @@ def _node_runs(ir: PatternIR, n0: int, r: int):
     Ka, Kb = a * r, torch.clamp(b * r + r, max=n0) - 1
     Qa, Qb = i * r, torch.clamp(i * r + r, max=n0) - 1
     out = []
-    for p in refine(ir, Qa * N, Qb * N + N - 1, Ka * N, Kb * N + N - 1, grain=r):
+    task = f"the reach graph of {ir.name} on {n:,} nodes of {r * N:,} tokens (refined at node boundaries)"
+    for p in refine_within_limit(ir, Qa * N, Qb * N + N - 1, Ka * N, Kb * N + N - 1, grain=r, task=task, hint=_HINT):
         if bool(p.stuck.any()):
             return None
         node_a, node_b = p.k0 // N // r, p.k1 // N // r

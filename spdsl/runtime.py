@@ -6,6 +6,7 @@ on-disk cache, keyed by everything that determines its text) and imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -23,8 +24,14 @@ from .pattern import as_pattern
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
 #: 3 stages won every measured Hopper row; 2 stages is what GPUs with less shared memory can compile.
 DEFAULT_CONFIGS = (KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 2))
-#: The backward's, timed likewise on its first CUDA call.
-DEFAULT_BWD_CONFIGS = (BackwardConfig(),)
+#: The backward's, timed likewise on its first CUDA call (the best two of a sweep on an H200,
+#: benchmarks/results/backward_explore.json); deterministic.
+DEFAULT_BWD_CONFIGS = (
+    BackwardConfig(dkdv_m=64, dkdv_n=64, dkdv_warps=4, dq_m=64, dq_n=64, dq_warps=4),
+    BackwardConfig(dkdv_m=64, dkdv_n=128, dkdv_warps=8, dkdv_stages=3),
+)
+#: ``deterministic=False``: dQ added up with fp32 atomics inside the dK/dV kernel (no dQ kernel).
+ATOMIC_BWD_CONFIGS = tuple(dataclasses.replace(c, atomic_dq=True) for c in DEFAULT_BWD_CONFIGS)
 
 _LOCK = threading.Lock()
 _OPS: dict[str, SparseAttention] = {}
@@ -42,19 +49,23 @@ def _versions() -> str:
 
 def _configs(config: dict) -> tuple[tuple[KernelConfig, ...], tuple[BackwardConfig, ...]]:
     """(prefill configs, backward configs): ``configs=[...]`` or one config from keyword options over
-    the default (else the defaults), and ``backward_configs=[...]`` (else the defaults)."""
+    the default (else the defaults), and ``backward_configs=[...]`` (else the defaults, atomic ones
+    with ``deterministic=False``)."""
     options = set(KernelConfig.__dataclass_fields__)
-    unknown = set(config) - options - {"configs", "backward_configs"}
+    unknown = set(config) - options - {"configs", "backward_configs", "deterministic"}
     if unknown:
-        valid = ", ".join(["configs", "backward_configs", *sorted(options)])
+        valid = ", ".join(["configs", "backward_configs", "deterministic", *sorted(options)])
         raise TypeError(f"unknown build option(s): {', '.join(sorted(unknown))}; valid: {valid}")
     config = dict(config)
     bwd = config.pop("backward_configs", None)
-    bwd = (
-        DEFAULT_BWD_CONFIGS
-        if bwd is None
-        else tuple(c if isinstance(c, BackwardConfig) else BackwardConfig(*c) for c in bwd)
-    )
+    deterministic = config.pop("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    if bwd is None:
+        bwd = DEFAULT_BWD_CONFIGS if deterministic else ATOMIC_BWD_CONFIGS
+    elif not deterministic:
+        raise TypeError("pass either backward_configs=[...] or deterministic=False, not both")
+    bwd = tuple(c if isinstance(c, BackwardConfig) else BackwardConfig(*c) for c in bwd)
     if not bwd:
         raise ValueError("backward_configs must hold at least one config")
     if "configs" in config:
@@ -79,7 +90,9 @@ def build(pattern, **config) -> SparseAttention:
     config: ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``warp_specialize``
         (one fixed prefill config), or ``configs=[KernelConfig | tuple, ...]`` (timed on the first
         CUDA call per head dim and dtype; default :data:`DEFAULT_CONFIGS`); and
-        ``backward_configs=[BackwardConfig | tuple, ...]`` (default :data:`DEFAULT_BWD_CONFIGS`).
+        ``backward_configs=[BackwardConfig | tuple, ...]`` (default :data:`DEFAULT_BWD_CONFIGS`), or
+        ``deterministic=False`` for the faster atomic dQ (:data:`ATOMIC_BWD_CONFIGS`; gradients then
+        vary in their last bits from run to run).
 
     Returns
     -------

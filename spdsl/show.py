@@ -160,8 +160,18 @@ def save_reach_png(curves: list[tuple[str, dict]], path: str | Path, *, title: s
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` to exactly ``path``: PNG unless its suffix names another format matplotlib writes."""
     path = Path(path)
+    if path.is_dir():
+        raise SpdError(f"cannot write a figure to {path}: it is a folder", hint=f"name a file: {path / 'figure.png'}")
     if path.parent and not path.parent.exists():
         raise FileNotFoundError(f"cannot write {path}: no such directory {path.parent}")
-    fig.savefig(path, dpi=fig.dpi)
+    kinds = fig.canvas.get_supported_filetypes()
+    kind = path.suffix[1:].lower()
+    if kind and kind not in kinds:
+        raise SpdError(
+            f"cannot write a figure to {path}: matplotlib does not write {path.suffix!r} files",
+            hint=f"end the name in .png (or one of {', '.join('.' + k for k in sorted(kinds))})",
+        )
+    fig.savefig(path, dpi=fig.dpi, format=kind or "png")  # no suffix: PNG at exactly this path (not path.png)
     return path

@@ -73,7 +73,9 @@ class BackwardConfig:
 
     The layout's tiles are ``tile_m x tile_n``. A dK/dV program owns ``dkdv_n`` keys of a kv tile
     and walks the q tiles that see it ``dkdv_m`` rows at a time; a dQ program owns ``dq_m`` rows
-    of a q tile and walks its kv tiles ``dq_n`` keys at a time.
+    of a q tile and walks its kv tiles ``dq_n`` keys at a time. ``atomic_dq``: no dQ kernel; the
+    dK/dV kernel adds each tile's dQ into an fp32 buffer with atomics (two matmuls per tile fewer,
+    but the summation order varies: results are not bitwise reproducible run to run).
     """
 
     tile_m: int = 128
@@ -86,6 +88,7 @@ class BackwardConfig:
     dq_n: int = 64
     dq_warps: int = 8
     dq_stages: int = 2
+    atomic_dq: bool = False
 
     def __post_init__(self):
         for name in ("tile_m", "tile_n", "dkdv_m", "dkdv_n", "dq_m", "dq_n"):
