@@ -5,8 +5,11 @@
     python benchmarks/regression.py --baseline .baseline
 
 Each case is checked for equal results first (both against each other, within bf16 noise), then
-timed A/B/A/B with ``do_bench`` medians (prefill) or CUDA-graph replays (decode); the better of
-each side's two medians counts. ``ratio`` = today / baseline: above 1.02 is a regression.
+the kernels are timed A/B/A/B/A/B -- the baseline module's ``attention`` / ``decode`` against
+today's module's ``forward`` / ``decode``, both called directly -- with ``do_bench`` medians
+(prefill) or CUDA-graph replays (decode); the best median of each side counts. ``ratio`` = today /
+baseline: above 1.02 is a regression. ``op_ms`` adds today's op (``spdsl.build(p)(q, k, v)``: the
+custom op, its checks and dispatch) for reference.
 Writes benchmarks/results/regression.json (or --out).
 """
 
@@ -49,10 +52,11 @@ def load_baseline(folder: Path, name: str):
     return module
 
 
-def ab(timer, old, new):
-    """Better of two medians per side, timed old, new, old, new."""
-    t = [timer(fn) for fn in (old, new, old, new)]
-    return min(t[0], t[2]), min(t[1], t[3])
+def ab(timer, old, new, rounds: int = 3):
+    """Best median per side, timed old, new, old, new, ... (``rounds`` each): the kernels' own time,
+    robust to the +-1.5% drift seen between repeats of one kernel on this machine."""
+    t = [(timer(old), timer(new)) for _ in range(rounds)]
+    return min(a for a, _ in t), min(b for _, b in t)
 
 
 def rel(a, b) -> float:

@@ -23,6 +23,7 @@ import torch
 
 from .core.ir import PatternIR
 from .core.layout import Layout
+from .errors import SpdError
 from .pattern import as_ir
 from .reach import connected_fraction, reach, refine_within_limit, unit_graph
 
@@ -75,6 +76,21 @@ def allowed_pairs(layout: Layout) -> int:
     lo, hi = max(a, 1), min(b, n - 1)
     ramp = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
     return ramp + max(0, b - max(a, n) + 1) * n
+
+
+def pair_density(layout: Layout) -> float | None:
+    """Visible over allowed pairs of ``layout``, or None when counting them is refused (the ``tiles``
+    limit; see :func:`_count_rects`): pictures and ``spdsl build`` then print without it."""
+    try:
+        vis = visible_pairs(layout)
+    except SpdError:
+        return None
+    allowed = allowed_pairs(layout)
+    return vis / allowed if allowed else 0.0
+
+
+#: What :func:`pair_density`'s callers print when it is None.
+NOT_COUNTED = "not counted (over the SPDSL_MAX_TILES limit)"
 
 
 # ------------------------------------------------------------------------- the node graph

@@ -37,17 +37,18 @@ class CheckFailed(ValueError):
 
 def density_line(pattern, seq: int = DENSITY_SEQ, block: int = DENSITY_BLOCK) -> str:
     """``density at 8192 tokens (128x128 tiles): 9.4 of 64 kv tiles per q-tile (max 12), ...``."""
-    from .analyze import allowed_pairs, visible_pairs
+    from .analyze import NOT_COUNTED, pair_density
 
     lay = pattern.layout(seq, seq, block, block)
     counts = lay.counts()
     mean = lay.nnz / max(lay.n_q_tiles, 1)
     most = int(counts.max()) if counts.numel() else 0
     kind = "causal pairs" if pattern.causal else "pairs"
-    frac = visible_pairs(lay) / max(allowed_pairs(lay), 1)
+    frac = pair_density(lay)
+    share = f"{100 * frac:.2f}% of {kind}" if frac is not None else f"{kind} {NOT_COUNTED}"
     return (
         f"density at {seq} tokens ({block}x{block} tiles): {mean:.1f} of {lay.n_kv_tiles} kv tiles per q-tile "
-        f"(max {most}; {lay.n_full} of {lay.nnz} tiles full), {100 * frac:.2f}% of {kind}"
+        f"(max {most}; {lay.n_full} of {lay.nnz} tiles full), {share}"
     )
 
 

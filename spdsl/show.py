@@ -48,17 +48,17 @@ def cell_grid(layout: Layout, width: int) -> tuple[torch.Tensor, int]:
 
 def legend(layout: Layout, f: int, *, ascii: bool = False) -> str:
     """One line: glyphs, cell size, density of visible pairs and visible tiles per q-tile."""
-    from .analyze import allowed_pairs, visible_pairs
+    from .analyze import NOT_COUNTED, pair_density
 
     empty, partial, full = GLYPHS["ascii" if ascii else "unicode"]
-    allowed = allowed_pairs(layout)
-    density = visible_pairs(layout) / allowed if allowed else 0.0
+    density = pair_density(layout)
     of = "causal pairs" if layout.ir.causal else "all pairs"
+    share = f"{100 * density:.2f}% of {of}" if density is not None else NOT_COUNTED
     per_row = float(layout.counts().double().mean()) if layout.n_q_tiles else 0.0
     cell = f"1 char = {f}x{f} tiles" if f > 1 else "1 char = 1 tile"
     return (
         f"{full} full  {partial} partial  {empty} empty  ({cell} of {layout.block_q}x{layout.block_kv} tokens)  "
-        f"density {100 * density:.2f}% of {of}, {per_row:.2f} of {layout.n_kv_tiles} kv tiles per q-tile"
+        f"density {share}, {per_row:.2f} of {layout.n_kv_tiles} kv tiles per q-tile"
     )
 
 
