@@ -11,6 +11,7 @@ Torch and the standard library only: generated modules embed this file.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -61,7 +62,7 @@ def resolve_scale(scale, head_dim: int) -> float:
     """The softmax scale: ``1 / sqrt(head_dim)`` when None, else a finite positive number."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite positive number, got {scale}")
