@@ -3,7 +3,8 @@
 * grammatical texts drawn from the grammar itself (``hypothesis.extra.lark.from_lark``) must
   parse, and lower to an IR or a located SpdError;
 * shipped-style patterns with random deletions, insertions and replacements, and random unicode,
-  may only ever raise SpdError;
+  may only ever raise SpdError (a slow test runs 10,000 mutated files, shipped patterns among the
+  seeds, through ``spdsl.compile``);
 * random overrides may only ever raise SpdError;
 * random *valid* programs (set expressions printed with minimal parentheses, integers as small
   expressions over a parameter) lower to exactly the IR built directly from ``spdsl.ir``.
@@ -12,11 +13,14 @@
 from __future__ import annotations
 
 import keyword
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 
+import spdsl
 from spdsl import SpdError
 from spdsl.core import ir
 from spdsl.core import primitives as prims
@@ -24,6 +28,7 @@ from spdsl.lower import compile_ir
 from spdsl.parser import lark_parser, parse
 from tests.strategies import n_examples
 
+ROOT = Path(__file__).resolve().parent.parent
 FUZZ = settings(max_examples=n_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SEEDS = [
@@ -121,8 +126,9 @@ MUTATION_CHARS = st.one_of(
 
 
 @st.composite
-def mutated(draw) -> str:
-    text = draw(st.sampled_from(SEEDS))
+def mutated(draw, seeds=tuple(SEEDS)) -> str:
+    """One of ``seeds`` with 1-6 random edits: a character deleted, inserted or replaced, or the rest cut."""
+    text = draw(st.sampled_from(seeds))
     for _ in range(draw(st.integers(1, 6))):
         pos = draw(st.integers(0, len(text)))
         op = draw(st.sampled_from(["delete", "insert", "replace", "cut"]))
@@ -141,6 +147,24 @@ def mutated(draw) -> str:
 @given(mutated())
 def test_mutated_patterns_raise_only_spd_error(text):
     check_only_spd_errors(text)
+
+
+SHIPPED = tuple(p.read_text(encoding="utf-8") for p in sorted((ROOT / "patterns").glob("*.spd")))
+
+
+@pytest.mark.slow
+@settings(max_examples=n_examples(10_000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(seeds=(*SEEDS, *SHIPPED)))
+def test_10000_mutated_files_through_spdsl_compile_raise_only_spd_error(text):
+    """The CI-sized subset is test_mutated_patterns_raise_only_spd_error (300 examples, compile_ir)."""
+    try:
+        pattern = spdsl.compile(text, filename="fuzz.spd")
+    except SpdError as e:
+        assert str(e).startswith("fuzz.spd")
+        assert e.line is None or 1 <= e.line <= text.count("\n") + 1
+        return
+    assert isinstance(pattern, spdsl.Pattern) and pattern.source == text
+    assert pattern.unit >= 1 and pattern.text()
 
 
 @settings(max_examples=n_examples(150), deadline=None)

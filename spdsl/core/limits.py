@@ -29,10 +29,11 @@ LIMITS: dict[str, tuple[int, str, str, float, float]] = {
 def limit(name: str) -> int:
     """The limit in force for ``name`` (its environment variable, else the default)."""
     default, env, what, _, _ = LIMITS[name]
-    raw = os.environ.get(env, "").strip().replace("_", "")
+    raw = os.environ.get(env, "").strip()
     if not raw:
         return default
-    value = int(raw) if raw.isdigit() else 0
+    digits = raw.replace("_", "")  # 1_000_000 reads as in Python; "_" alone is not a number
+    value = int(digits) if digits.isascii() and digits.isdigit() else 0  # (isdigit alone takes "²": int() refuses)
     if value < 1:
         raise SpdError(
             f"{env}={os.environ[env]!r} is not a positive integer", hint=f"the default is {default:,} {what}"
