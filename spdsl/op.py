@@ -143,7 +143,9 @@ def _register(name: str, pattern: Pattern, module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if on_cpu(q):
             lay = _cpu_layout(pattern, q, k, q_offset)
-            return attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
+            grads = attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
+            # the fake promises the strides of q, k, v (empty_like), as the GPU kernels write them
+            return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
         return module.backward(dout, q, k, v, out, lse, scale=scale, q_offset=q_offset, dlse=dlse, validate=False)
 
     @bwd.register_fake
