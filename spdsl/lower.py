@@ -248,7 +248,13 @@ class _Lowering:
 
 
 def check_name(low: _Lowering, node: ast.PatternDef | ast.Param, what: str) -> None:
-    """Names reach generated code as identifiers: refuse Python keywords."""
+    """Names reach generated code as identifiers: refuse Python keywords and overlong names."""
+    if len(node.name) > ir.MAX_NAME_LENGTH:
+        raise low.error(
+            node,
+            f"a {what} name may have at most {ir.MAX_NAME_LENGTH} characters; this one has {len(node.name)}",
+            hint=f"shorten it, e.g. {node.name[:24]}",
+        )
     if keyword.iskeyword(node.name):
         raise low.error(
             node,

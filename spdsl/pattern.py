@@ -73,9 +73,10 @@ def _overrides(fn: str, params, overrides: dict, taken: dict) -> dict[str, objec
         )
     for name, value in taken.items():
         if isinstance(value, int):
+            what = {"pattern": "which pattern of the text to compile", "filename": "the name shown in errors"}
             raise SpdError(
-                f"spdsl.{fn}: {name}={value!r} is not a {name} (it is also a keyword of spdsl.{fn})",
-                hint=f"pass pattern parameters as a mapping: spdsl.{fn}(..., params={{{name!r}: {value!r}}})",
+                f"spdsl.{fn}: {name}= is {what.get(name, 'a keyword of spdsl.' + fn)} (a str), got the int {value!r}",
+                hint=f"a parameter named '{name}' goes in a mapping: spdsl.{fn}(..., params={{{name!r}: {value!r}}})",
             )
     both = set(params or {}) & set(overrides)
     if both:

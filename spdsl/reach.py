@@ -40,7 +40,7 @@ import torch
 
 from .core.ir import PatternIR, TorchOps
 from .core.limits import LIMITS, cost, limit, require
-from .core.refine import refine
+from .core.refine import refine, settle
 from .errors import SpdError
 from .pattern import as_ir
 
@@ -166,11 +166,14 @@ def _diag_loops(ir: PatternIR, n0: int, r: int):
             continue
         base = lo[nodes][:, None]
         qa, qb, ka, kb = (base + rects[:, j][None, :] for j in range(4))
-        a2, l2 = (
-            torch.as_tensor(x).expand(qa.numel()).view(qa.shape)
-            for x in ir.expr.classify(TorchOps, qa.flatten(), qb.flatten(), ka.flatten(), kb.flatten())
+        N = ir.unit  # exact for set operations too: refined down to units, the causal cut inside them
+        kept, miss = (
+            x.view(qa.shape)
+            for x in settle(
+                ir, qa.flatten() * N, qb.flatten() * N + N - 1, ka.flatten() * N, kb.flatten() * N + N - 1, True
+            )
         )
-        loop[nodes], empty[nodes] = l2.all(1), ~a2.any(1)
+        loop[nodes], empty[nodes] = ~miss.any(1), ~kept.any(1)
     if bool((~loop & ~empty).any()):
         return None
     return i[loop]

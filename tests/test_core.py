@@ -260,22 +260,28 @@ def test_refine_live_stops_splitting():
     assert len(list(refine(ir, t, t + 31, t, t + 31))) > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refine's `stuck` fires on grain cells that are uniform when the set operation's answer is not "
-    "proven (operands that only jointly cover the cell); Pieces.stuck promises 'some but not all kept'",
-)
 def test_refine_stuck_only_where_a_grain_cell_is_mixed():
     """``local(2) | band(2, 3)`` keeps every cell of units [2, 3] x [0, 1] (d = 1, 2, 2, 3), but neither
     operand alone does, so ``all`` is not proven and the grain-2 cell is reported stuck. Through
     :mod:`spdsl.reach` a stuck node pair abandons the coarse graph: e.g. the causal pattern
-    ``segment(32) & every(2) | segment(32) - every(2)`` (== ``segment(32)``) at 65,536 tokens is refused
-    over the reach_nodes limit while ``segment(32)`` gets 16-unit nodes."""
+    ``(segment(32) & every(2)) | (segment(32) - every(2))`` (== ``segment(32)``) at 65,536 tokens was
+    refused over the reach_nodes limit while ``segment(32)`` gets 16-unit nodes."""
     ir = PatternIR("p", 1, False, Union((prims.Local(2), prims.Band(2, 3))))
     assert bool(token_truth(ir, 2, 3, 0, 1, False).all())
     t = lambda x: torch.tensor([x], dtype=_I64)
     for pieces in refine(ir, t(2), t(3), t(0), t(1), grain=2):
         assert not bool(pieces.stuck.any()), f"stuck on a fully kept grain cell: {pieces}"
+
+
+def test_reach_graph_of_a_split_and_rejoined_pattern_equals_the_plain_one():
+    from spdsl.reach import unit_graph
+
+    split = spdsl.compile("pattern a { causal attend (segment(32) & every(2)) | (segment(32) - every(2)) }")
+    plain = spdsl.compile("pattern b { causal attend segment(32) }")
+    ga, gb = unit_graph(split, 65536), unit_graph(plain, 65536)
+    assert ga.r == gb.r == 16
+    for x, y in zip((ga.rows, ga.a, ga.b), (gb.rows, gb.a, gb.b)):
+        assert x.tolist() == y.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,7 +561,8 @@ def test_keyword_colliding_with_a_parameter_is_refused_with_a_hint():
     with pytest.raises(SpdError) as info:
         spdsl.compile("pattern p(filename = 2) { attend local(filename) }", filename=5)
     err = info.value
-    assert "filename=5" in err.message and "params=" in (err.hint or "")
+    assert "filename= is the name shown in errors (a str), got the int 5" in err.message
+    assert "params=" in (err.hint or "")
     assert "params={'filename': 5}" in str(err)
 
 
@@ -566,7 +573,7 @@ def test_integer_pattern_keyword_is_refused(fn):
         if fn == "compile"
         else (lambda: spdsl.load(pattern_path("power"), pattern=3))
     )
-    with pytest.raises(SpdError, match=r"pattern=3 is not a pattern") as info:
+    with pytest.raises(SpdError, match=r"pattern= is which pattern .* \(a str\), got the int 3") as info:
         call()
     assert "params=" in info.value.hint
 

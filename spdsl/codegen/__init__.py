@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import jinja2
 
 from .._version import __version__
-from ..core.ir import Expr, PatternIR, SetOp
+from ..core.ir import MAX_NAME_LENGTH, Expr, PatternIR, SetOp
 from ..resources import data_path, template_text
 from .embed import embed
 from .triton import predicate, tile_test
@@ -41,7 +41,7 @@ MODULE_IMPORTS = {"functools", "math", "os", "sys", "time", "torch", "triton", "
 
 
 def _ident(name: str) -> str:
-    if not _IDENT.match(name) or len(name) > 64:
+    if not _IDENT.match(name) or len(name) > MAX_NAME_LENGTH:
         raise ValueError(f"not a valid identifier for generated code: {name!r}")
     return name
 

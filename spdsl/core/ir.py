@@ -284,6 +284,10 @@ def normalize(expr: Expr) -> Expr:
     return unique[0] if len(unique) == 1 else type(expr)(unique)
 
 
+#: The longest pattern name: names become identifiers of generated code (module, op and file names).
+MAX_NAME_LENGTH = 64
+
+
 class PatternIR:
     """A checked, normalized pattern: integers resolved, ready for layout and codegen."""
 

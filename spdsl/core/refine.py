@@ -29,7 +29,7 @@ class Pieces(NamedTuple):
     any: torch.Tensor  # some cell kept (sound: False means none)
     all: torch.Tensor  # every cell kept (sound)
     proven: torch.Tensor  # any/all are exact
-    stuck: torch.Tensor  # some but not all kept, and a single grain cell: cannot be split further
+    stuck: torch.Tensor  # some but not all kept (exact), and a single grain cell: cannot be split further
 
 
 def refine(ir: PatternIR, p0, p1, k0, k1, *, causal: bool = False, grain: int = 1, live=None):
@@ -55,6 +55,13 @@ def refine(ir: PatternIR, p0, p1, k0, k1, *, causal: bool = False, grain: int = 
         ga, gb, ha, hb = Qa // grain, Qb // grain, Ka // grain, Kb // grain
         todo = any_ & ~all_
         single = todo & (ga == gb) & (ha == hb)
+        if grain > 1 and bool((single & ~proven).any()):  # settle them unit by unit: stuck only if mixed
+            cell = torch.nonzero(single & ~proven).flatten()
+            kept, empty = settle(ir, p0[cell], p1[cell], k0[cell], k1[cell], causal)
+            any_, all_, proven = any_.clone(), all_.clone(), proven.clone()
+            any_[cell], all_[cell], proven[cell] = kept, ~empty, True
+            todo = any_ & ~all_
+            single = todo & (ga == gb) & (ha == hb)
         if grain == 1 and bool((single & ~proven).any()):
             raise AssertionError("refinement failed to decide a unit cell")
         pieces = Pieces(origin, p0, p1, k0, k1, any_, all_, proven, single)
@@ -72,3 +79,13 @@ def refine(ir: PatternIR, p0, p1, k0, k1, *, causal: bool = False, grain: int = 
         origin = torch.cat([origin, origin])
         p0, p1 = torch.cat([p0, torch.where(split_q, q_mid, p0)]), torch.cat([torch.where(split_q, q_mid - 1, p1), p1])
         k0, k1 = torch.cat([k0, torch.where(split_q, k0, k_mid)]), torch.cat([torch.where(split_q, k1, k_mid - 1), k1])
+
+
+def settle(ir: PatternIR, p0, p1, k0, k1, causal: bool = False):
+    """(some cell kept, some cell not kept) of each rectangle, exactly: refined down to single units."""
+    kept = torch.zeros(p0.numel(), dtype=torch.int64)
+    empty = torch.zeros_like(kept)
+    for pieces in refine(ir, p0, p1, k0, k1, causal=causal):
+        kept.index_add_(0, pieces.origin, (pieces.all | pieces.stuck).to(torch.int64))
+        empty.index_add_(0, pieces.origin, (~pieces.any | pieces.stuck).to(torch.int64))
+    return kept > 0, empty > 0
