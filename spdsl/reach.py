@@ -40,7 +40,7 @@ import torch
 
 from .core.ir import PatternIR, TorchOps
 from .core.limits import LIMITS, cost, limit, require
-from .core.refine import refine, settle
+from .core.refine import refine_exact, settle
 from .errors import SpdError
 from .pattern import as_ir
 
@@ -55,7 +55,7 @@ _I64 = torch.int64
 
 
 def refine_within_limit(ir: PatternIR, p0, p1, k0, k1, *, task: str, hint: str, **kw):
-    """:func:`~spdsl.core.refine.refine`, refused (``tiles`` limit) before a round would take the
+    """:func:`~spdsl.core.refine.refine_exact`, refused (``tiles`` limit) before a round would take the
     pieces examined past the limit.
 
     Refinement can take one piece per unit cell (``every(2)`` at unit 1 is a checkerboard), so its
@@ -65,7 +65,7 @@ def refine_within_limit(ir: PatternIR, p0, p1, k0, k1, *, task: str, hint: str, 
     live, cap = kw.get("live"), limit("tiles")
     examined = p0.numel()
     require("tiles", examined, task, hint)
-    for pieces in refine(ir, p0, p1, k0, k1, **kw):
+    for pieces in refine_exact(ir, p0, p1, k0, k1, **kw):
         yield pieces
         todo = pieces.any & ~pieces.all & ~pieces.stuck
         if live is not None:

@@ -28,7 +28,7 @@ from spdsl.core import primitives as prims
 from spdsl.core.checks import check_qkv, resolve_scale
 from spdsl.core.ir import INT_LIMIT, Diff, Inter, PatternIR, Primitive, TorchOps, Union, resolve_q_offset
 from spdsl.core.layout import Layout, transpose_csr
-from spdsl.core.refine import refine
+from spdsl.core.refine import refine, refine_exact
 from spdsl.resources import pattern_path
 from tests.helpers import scoped_env
 from tests.strategies import blocks, exprs, lengths, n_examples, offsets, pattern_irs, primitives
@@ -269,7 +269,7 @@ def test_refine_stuck_only_where_a_grain_cell_is_mixed():
     ir = PatternIR("p", 1, False, Union((prims.Local(2), prims.Band(2, 3))))
     assert bool(token_truth(ir, 2, 3, 0, 1, False).all())
     t = lambda x: torch.tensor([x], dtype=_I64)
-    for pieces in refine(ir, t(2), t(3), t(0), t(1), grain=2):
+    for pieces in refine_exact(ir, t(2), t(3), t(0), t(1), grain=2):
         assert not bool(pieces.stuck.any()), f"stuck on a fully kept grain cell: {pieces}"
 
 

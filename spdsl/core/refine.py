@@ -29,7 +29,7 @@ class Pieces(NamedTuple):
     any: torch.Tensor  # some cell kept (sound: False means none)
     all: torch.Tensor  # every cell kept (sound)
     proven: torch.Tensor  # any/all are exact
-    stuck: torch.Tensor  # some but not all kept (exact), and a single grain cell: cannot be split further
+    stuck: torch.Tensor  # undecided (maybe mixed) single grain cell: not split further; see refine_exact
 
 
 def refine(ir: PatternIR, p0, p1, k0, k1, *, causal: bool = False, grain: int = 1, live=None):
@@ -55,13 +55,6 @@ def refine(ir: PatternIR, p0, p1, k0, k1, *, causal: bool = False, grain: int = 
         ga, gb, ha, hb = Qa // grain, Qb // grain, Ka // grain, Kb // grain
         todo = any_ & ~all_
         single = todo & (ga == gb) & (ha == hb)
-        if grain > 1 and bool((single & ~proven).any()):  # settle them unit by unit: stuck only if mixed
-            cell = torch.nonzero(single & ~proven).flatten()
-            kept, empty = settle(ir, p0[cell], p1[cell], k0[cell], k1[cell], causal)
-            any_, all_, proven = any_.clone(), all_.clone(), proven.clone()
-            any_[cell], all_[cell], proven[cell] = kept, ~empty, True
-            todo = any_ & ~all_
-            single = todo & (ga == gb) & (ha == hb)
         if grain == 1 and bool((single & ~proven).any()):
             raise AssertionError("refinement failed to decide a unit cell")
         pieces = Pieces(origin, p0, p1, k0, k1, any_, all_, proven, single)
@@ -89,3 +82,16 @@ def settle(ir: PatternIR, p0, p1, k0, k1, causal: bool = False):
         kept.index_add_(0, pieces.origin, (pieces.all | pieces.stuck).to(torch.int64))
         empty.index_add_(0, pieces.origin, (~pieces.any | pieces.stuck).to(torch.int64))
     return kept > 0, empty > 0
+
+
+def refine_exact(ir: PatternIR, p0, p1, k0, k1, *, causal: bool = False, grain: int = 1, live=None):
+    """:func:`refine` where ``stuck`` means truly mixed: a grain cell the set operations cannot decide
+    (operands that only jointly cover it) is settled unit by unit and reported all kept or none."""
+    for pieces in refine(ir, p0, p1, k0, k1, causal=causal, grain=grain, live=live):
+        cell = torch.nonzero(pieces.stuck & ~pieces.proven).flatten()
+        if cell.numel():
+            kept, empty = settle(ir, pieces.p0[cell], pieces.p1[cell], pieces.k0[cell], pieces.k1[cell], causal)
+            any_, all_, proven, stuck = (x.clone() for x in (pieces.any, pieces.all, pieces.proven, pieces.stuck))
+            any_[cell], all_[cell], proven[cell], stuck[cell] = kept, ~empty, True, kept & empty
+            pieces = pieces._replace(any=any_, all=all_, proven=proven, stuck=stuck)
+        yield pieces
