@@ -84,3 +84,20 @@ def pattern_irs(max_depth: int = 3, unit: st.SearchStrategy[int] | None = None) 
 lengths = st.integers(0, 70)
 offsets = st.one_of(st.none(), st.integers(-80, 80))
 blocks = st.integers(1, 16)
+
+
+# Every primitive at least once (unit > 1, odd lengths, set operations), deterministically: Hypothesis
+# may not draw all of them in a dozen examples. tests/test_kernel_interpret.py checks the coverage.
+PRIMITIVE_CASES = [
+    "unit 3 causal attend all",
+    "unit 2 causal attend sink(2)",
+    "unit 3 attend local(2)",
+    "unit 2 causal attend powers(3)",
+    "unit 1 attend stride(4)",
+    "unit 2 causal attend dilated(3, 2)",
+    "unit 4 attend segment(2)",
+    "unit 1 causal attend every(3)",
+    "unit 2 attend band(-1, 3)",
+    "unit 2 causal attend (local(3) | sink(1)) & powers(2)",
+    "unit 3 attend segment(3) - every(2)",
+]

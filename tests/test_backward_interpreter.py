@@ -36,7 +36,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spdsl
-from spdsl.core import primitives as prims
 from tests.backward_helpers import (
     _QUIET,
     BAND,
@@ -53,7 +52,7 @@ from tests.backward_helpers import (
     ref_grads,
 )
 from tests.helpers import nan_buffers
-from tests.strategies import n_examples, pattern_irs
+from tests.strategies import PRIMITIVE_CASES, n_examples, pattern_irs
 
 # --------------------------------------------------------------------------------------------
 # 1. The generated backward kernels in the interpreter
@@ -112,28 +111,6 @@ def test_interpreter_random_patterns(case):
 @given(interp_cases(max_len=200))
 def test_interpreter_random_patterns_thorough(case):
     run_interp_case(case)
-
-
-# Every primitive at least once (with unit > 1, odd lengths, q_len != kv_len), deterministically:
-# Hypothesis may not draw all of them in a dozen examples.
-PRIMITIVE_CASES = [
-    "unit 3 causal attend all",
-    "unit 2 causal attend sink(2)",
-    "unit 3 attend local(2)",
-    "unit 2 causal attend powers(3)",
-    "unit 1 attend stride(4)",
-    "unit 2 causal attend dilated(3, 2)",
-    "unit 4 attend segment(2)",
-    "unit 1 causal attend every(3)",
-    "unit 2 attend band(-1, 3)",
-    "unit 2 causal attend (local(3) | sink(1)) & powers(2)",
-    "unit 3 attend segment(3) - every(2)",
-]
-
-
-def test_primitive_cases_cover_every_primitive():
-    names = {p.name for s in PRIMITIVE_CASES for p in spdsl.compile(f"pattern p {{ {s} }}").ir.expr.primitives()}
-    assert names == set(prims.PRIMITIVES)
 
 
 @pytest.mark.parametrize("body", PRIMITIVE_CASES, ids=lambda b: b.replace(" ", "_"))

@@ -19,7 +19,7 @@ import spdsl
 from spdsl import reference
 from spdsl.core import primitives as prims
 from tests.helpers import nan_buffers, scoped_env
-from tests.strategies import pattern_irs
+from tests.strategies import PRIMITIVE_CASES, pattern_irs
 
 #: Max abs error vs fp64: fp32 (IEEE dots) and fp16 (P is rounded to fp16 before P @ V, like any
 #: flash kernel; inputs ~N(0,1) so |out| <= ~4 and an fp16 ulp there is ~2e-3).
@@ -127,21 +127,6 @@ def test_random_patterns_match_reference(case):
 @given(cases())
 def test_random_patterns_match_reference_thorough(case):
     run_case(case)
-
-
-# Every primitive at least once, with unit > 1 and odd lengths, deterministic (Hypothesis may not
-# draw all of them in 20 examples).
-PRIMITIVE_CASES = [
-    "unit 3 causal attend all",
-    "unit 2 causal attend sink(2)",
-    "unit 3 attend local(2)",
-    "unit 2 causal attend powers(3)",
-    "unit 1 attend stride(4)",
-    "unit 2 causal attend dilated(3, 2)",
-    "unit 4 attend segment(2)",
-    "unit 1 causal attend every(3)",
-    "unit 2 attend band(-1, 3)",
-]
 
 
 def test_primitive_cases_cover_every_primitive():
