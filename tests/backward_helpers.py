@@ -150,3 +150,14 @@ SHAPE_CASES = {
 
 def cu(lens):
     return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def case_inputs(case):
+    """(q, k, v, dout, w, kw) of a drawn case: w (the LSE's weight in the loss) only when it asks for it."""
+    q, k, v, dout, w = qkv(*case["shape"], case["D"], case["dtype"], case["seed"], case["strided"])
+    return q, k, v, dout, w if case["lse"] else None, dict(scale=case["scale"], q_offset=case["q_offset"])
+
+
+def check_case(op, got, q, k, v, dout, w, kw):
+    """``got`` (dq, dk, dv) against fp64 autograd through the reference for the same inputs."""
+    check_grads(op.pattern, got, ref_grads(op.pattern, q, k, v, dout, w, **kw), (q, k, v), q_offset=kw["q_offset"])

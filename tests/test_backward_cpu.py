@@ -19,6 +19,8 @@ from tests.backward_helpers import (
     TOL,
     build,
     build_cpu,
+    case_inputs,
+    check_case,
     check_grads,
     cu,
     interpreter,
@@ -54,11 +56,8 @@ def cpu_cases(draw, max_len=150):
 
 def run_cpu_case(case):
     op = build_cpu(case["pattern"])
-    q, k, v, dout, w = qkv(*case["shape"], case["D"], case["dtype"], case["seed"], case["strided"])
-    w = w if case["lse"] else None
-    kw = dict(scale=case["scale"], q_offset=case["q_offset"])
-    got = op_grads(op, q, k, v, dout, w, **kw)
-    check_grads(op.pattern, got, ref_grads(op.pattern, q, k, v, dout, w, **kw), (q, k, v), q_offset=case["q_offset"])
+    q, k, v, dout, w, kw = case_inputs(case)
+    check_case(op, op_grads(op, q, k, v, dout, w, **kw), q, k, v, dout, w, kw)
 
 
 @settings(max_examples=n_examples(25), suppress_health_check=_QUIET)

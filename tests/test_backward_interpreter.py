@@ -43,6 +43,8 @@ from tests.backward_helpers import (
     SHAPE_CASES,
     TILED,
     build,
+    case_inputs,
+    check_case,
     check_grads,
     interpreter,
     loss_of,
@@ -92,12 +94,10 @@ def interp_cases(draw, max_len=100):
 def run_interp_case(case):
     with interpreter():
         op = build(case["pattern"], *case["tiles"], dkdv=case["dkdv"], dq=case["dq"], atomic=case["atomic"])
-        q, k, v, dout, w = qkv(*case["shape"], case["D"], case["dtype"], case["seed"], case["strided"])
-        w = w if case["lse"] else None
-        kw = dict(scale=case["scale"], q_offset=case["q_offset"])
+        q, k, v, dout, w, kw = case_inputs(case)
         with nan_buffers(op.module):  # buffers the module allocates start NaN: unwritten rows show
             got = (op_grads if case["via"] == "op" else module_grads)(op, q, k, v, dout, w, **kw)
-    check_grads(op.pattern, got, ref_grads(op.pattern, q, k, v, dout, w, **kw), (q, k, v), q_offset=case["q_offset"])
+    check_case(op, got, q, k, v, dout, w, kw)
 
 
 @settings(max_examples=n_examples(12), suppress_health_check=_QUIET)
