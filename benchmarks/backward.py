@@ -191,9 +191,6 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/backward.py needs a CUDA GPU (none found); the CPU tests cover correctness")
-    # one compiled Flex per (backend, layout, length): past dynamo's default 8 recompiles it silently
-    # runs eagerly (the full score matrix: 2 TiB at 128K), as the 2026-12-03 run found
-    torch._dynamo.config.recompile_limit = 256
     print(f"FA4: {peers.fa4_missing() or 'available'}", flush=True)
     rows: list[dict] = []
     variants = variant_list(args.explore)

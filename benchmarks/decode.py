@@ -1,4 +1,4 @@
-"""Decode benchmark: spdsl sparse decode vs FlexAttention decode (identical layout) vs dense SDPA.
+"""Decode benchmark: spdsl sparse decode vs FlexAttention decode, Triton and FLASH backends (identical layout), vs dense FA4 / SDPA.
 
     python benchmarks/decode.py        # Hq32 Hkv8 D128 bf16; power + streaming; B8 at 32K/128K, B1/B64 at 32K; paged too
 
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
+from benchmarks import peers  # noqa: E402
 from benchmarks.common import bench, cell, write_results  # noqa: E402
 from spdsl.core.ir import TorchOps  # noqa: E402
 
@@ -155,33 +156,41 @@ def run(name, B, seq, paged, args, bw, rows):
     row["floor_ms"] = row["touched_bytes"] / bw * 1e3
     qf = q.transpose(1, 2)
     kf, vf = kc.transpose(1, 2), vc.transpose(1, 2)
-    from torch.nn.attention.flex_attention import flex_attention
-
     bm = lay.to_block_mask(device="cuda")
-    flex = torch.compile(flex_attention, dynamic=False)
-    for kk, vv in ((kf, vf), (kf.contiguous(), vf.contiguous())):  # strided view first, then a copy
-        row.pop("flex_error", None)
-        try:
-            fo = flex(qf, kk, vv, block_mask=bm, scale=scale, enable_gqa=True)
-            row["flex_rel_err"] = rel_err(fo.transpose(1, 2)[:ref_b], out[:ref_b].float())
-        except Exception as e:
-            row["flex_ms"], row["flex_error"] = None, f"{type(e).__name__}: {str(e)[:200]}"
+    flex = peers.compiled_flex()
+    for key, options in (("flex", None), ("flex_flash", {"BACKEND": "FLASH"})):
+        if options and peers.fa4_missing():
+            row[f"{key}_ms"], row[f"{key}_error"] = None, peers.fa4_missing()
             continue
-        timed(row, "flex", lambda kk=kk, vv=vv: flex(qf, kk, vv, block_mask=bm, scale=scale, enable_gqa=True))
-        break
+        kw = dict(block_mask=bm, scale=scale, enable_gqa=True, **({"kernel_options": options} if options else {}))
+        for kk, vv in ((kf, vf), (kf.contiguous(), vf.contiguous())):  # strided view first, then a copy
+            row.pop(f"{key}_error", None)
+            try:
+                fo = flex(qf, kk, vv, **kw)
+                row[f"{key}_rel_err"] = rel_err(fo.transpose(1, 2)[:ref_b], out[:ref_b].float())
+            except Exception as e:
+                row[f"{key}_ms"], row[f"{key}_error"] = None, f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            timed(row, key, lambda kk=kk, vv=vv, kw=kw: flex(qf, kk, vv, **kw))
+            break
+    if peers.fa4_missing():
+        row["fa4_dense_ms"], row["fa4_dense_error"] = None, peers.fa4_missing()
+    else:  # one query row at the end of the cache sees every key: dense causal, bottom-right aligned
+        timed(row, "fa4_dense", peers.fa4_dense_causal(qf, kf, vf, scale))
     timed(
         row,
         "sdpa_dense",
         lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, scale=scale, enable_gqa=True),
     )
     ms = row["spdsl_ms"]
-    row["speedup_vs_flex"] = row["flex_ms"] / ms if row["flex_ms"] else None
+    for key in ("flex", "flex_flash"):
+        row[f"speedup_vs_{key}"] = row[f"{key}_ms"] / ms if row.get(f"{key}_ms") else None
     row["x_floor"] = ms / row["floor_ms"]
     row["achieved_GBps"] = row["touched_bytes"] / (ms * 1e-3) / 1e9
     rows.append(row)
     print(
         f"  {name:10s} B{B:<3d} {seq:7d} paged={paged!s:5s} spdsl {ms:.4f} ms (eager {row['spdsl_eager_ms']:.4f}) "
-        f"flex {row['flex_ms']} (eager {row.get('flex_eager_ms')}) floor {row['floor_ms']:.4f} "
+        f"flex {row['flex_ms']} (eager {row.get('flex_eager_ms')}) flash {row['flex_flash_ms']} floor {row['floor_ms']:.4f} "
         f"err {err:.2e} {'graph ' + format(row['cuda_graph_rel_err'], '.1e') if 'cuda_graph_rel_err' in row else ''}",
         flush=True,
     )
@@ -208,15 +217,17 @@ def main() -> None:
         for B, seq in CASES:
             for paged in (False, True):
                 run(name, B, seq, paged, args, bw, rows)
-                write_results(args.out, rows, copy_bandwidth_Bps=bw)
+                write_results(args.out, rows, copy_bandwidth_Bps=bw, fa4=peers.fa4_missing() or "available")
     print(
-        f"\n{'pattern':10s} {'B':>3s} {'seq':>7s} {'paged':>5s} {'spdsl':>8s} {'flex':>8s} {'x flex':>6s} {'floor':>8s} "
+        f"\n{'pattern':10s} {'B':>3s} {'seq':>7s} {'paged':>5s} {'spdsl':>8s} {'flex':>8s} {'x flex':>6s} "
+        f"{'flash':>8s} {'x flash':>7s} {'floor':>8s} "
         f"{'x floor':>7s} {'sdpa':>8s} ok"
     )
     for r in rows:
         print(
             f"{r['pattern']:10s} {r['batch']:3d} {r['seq']:7d} {r['paged']!s:>5s} {cell(r['spdsl_ms'], 8, 4)} {cell(r['flex_ms'], 8, 4)} "
-            f"{cell(r['speedup_vs_flex'], 6, 2)} {cell(r['floor_ms'], 8, 4)} {cell(r['x_floor'], 7, 2)} {cell(r['sdpa_dense_ms'], 8, 4)} {r['correct']}"
+            f"{cell(r['speedup_vs_flex'], 6, 2)} "
+            f"{cell(r['flex_flash_ms'], 8, 4)} {cell(r['speedup_vs_flex_flash'], 7, 2)} {cell(r['floor_ms'], 8, 4)} {cell(r['x_floor'], 7, 2)} {cell(r['sdpa_dense_ms'], 8, 4)} {r['correct']}"
         )
     print(f"wrote {args.out}")
 

@@ -26,9 +26,13 @@ def fa4_missing() -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_flex(dynamic: bool = False):
+def compiled_flex(dynamic: bool = False):
+    """``torch.compile(flex_attention)``, shared by every case of a run."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one compile per (backend, layout, length): past dynamo's default 8 recompiles Flex silently
+    # runs eagerly (the full score matrix: 2 TiB at 128K), as the 2026-12-03 backward run found
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(flex_attention, dynamic=dynamic)
 
 
@@ -36,7 +40,7 @@ def flex(block_mask, q, k, v, scale, *, backend: str = "TRITON", gqa: bool = Fal
     """A callable running compiled FlexAttention with ``backend`` ("TRITON" or "FLASH")."""
     if backend == "FLASH" and fa4_missing():
         raise RuntimeError(fa4_missing())
-    compiled = _compiled_flex()
+    compiled = compiled_flex()
     options = {"BACKEND": "FLASH"} if backend == "FLASH" else None
     kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": gqa or q.shape[1] != k.shape[1]}
     if options:

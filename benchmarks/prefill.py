@@ -1,4 +1,4 @@
-"""Prefill benchmark: spdsl vs FlexAttention (identical layout) vs cuDNN / FA2 dense.
+"""Prefill benchmark: spdsl vs FlexAttention, Triton and FLASH backends (identical layout), vs FA4 / cuDNN / FA2 dense.
 
     python benchmarks/prefill.py                      # B1 H32 D128 bf16, 8K/32K/128K, power/sliding_window/causal
     python benchmarks/prefill.py --seqs 32768 --patterns power --explore   # sweep kernel variants
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
+from benchmarks import peers  # noqa: E402
 from benchmarks.common import bench, cell, write_results  # noqa: E402
 from spdsl.codegen import KernelConfig  # noqa: E402
 from spdsl.core.ir import TorchOps  # noqa: E402
@@ -59,33 +60,6 @@ def check(out_rows: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
     err = ((out_rows.float() - ref).norm() / ref.norm()).item()
     ok = bool(torch.isfinite(out_rows).all()) and err < 2e-2
     return ok, err
-
-
-def flex_fn(block_mask, q, k, v, scale):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, block_mask=block_mask, scale=scale)
-
-
-def sdpa_fn(backend, q, k, v, scale):
-    from torch.nn.attention import sdpa_kernel
-
-    def run():
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-
-    return run
-
-
-def try_time(fn):
-    try:
-        fn()
-        torch.cuda.synchronize()
-        return bench(fn), None
-    except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-        torch.cuda.empty_cache()
-        return None, f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def run_case(name, seq, args, results, variants):
@@ -142,14 +116,23 @@ def run_case(name, seq, args, results, variants):
     row["spdsl_variant"], row["spdsl_ms"], row["rel_err"] = best if best else (None, None, None)
     row["correct"] = best is not None
 
-    flex_ms, flex_err = try_time(flex_fn(block_mask, q, k, v, scale))
-    row["flex_ms"], row["flex_error"] = flex_ms, flex_err
-    row["cudnn_ms"] = row["fa2_ms"] = None
+    for key, backend in (("flex", "TRITON"), ("flex_flash", "FLASH")):
+        try:
+            row[f"{key}_ms"], row[f"{key}_error"] = peers.try_time(
+                bench, peers.flex(block_mask, q, k, v, scale, backend=backend)
+            )
+        except RuntimeError as e:  # FA4 not installed
+            row[f"{key}_ms"], row[f"{key}_error"] = None, str(e)
+    row["cudnn_ms"] = row["fa2_ms"] = row["fa4_dense_ms"] = None
     if pattern.ir.text().endswith("attend all\n") and pattern.unit == 1:
         from torch.nn.attention import SDPBackend
 
-        row["cudnn_ms"], row["cudnn_error"] = try_time(sdpa_fn(SDPBackend.CUDNN_ATTENTION, q, k, v, scale))
-        row["fa2_ms"], row["fa2_error"] = try_time(sdpa_fn(SDPBackend.FLASH_ATTENTION, q, k, v, scale))
+        for key, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+            row[f"{key}_ms"], row[f"{key}_error"] = peers.try_time(bench, peers.sdpa_causal(backend, q, k, v, scale))
+        try:
+            row["fa4_dense_ms"], row["fa4_dense_error"] = peers.try_time(bench, peers.fa4_dense_causal(q, k, v, scale))
+        except RuntimeError as e:
+            row["fa4_dense_error"] = str(e)
     if args.flex_setup and seq <= 32768:
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -159,9 +142,11 @@ def run_case(name, seq, args, results, variants):
         row["flex_create_block_mask_ms"] = (time.perf_counter() - t0) * 1e3
     ms = row["spdsl_ms"]
     row["visible_tflops"] = flops / ms / 1e9 if ms else None
-    row["flex_visible_tflops"] = flops / flex_ms / 1e9 if flex_ms else None
-    row["speedup_vs_flex"] = flex_ms / ms if ms and flex_ms else None
-    dense = [x for x in (row["cudnn_ms"], row["fa2_ms"]) if x]
+    for key in ("flex", "flex_flash"):
+        peer = row[f"{key}_ms"]
+        row[f"{key}_visible_tflops"] = flops / peer / 1e9 if peer else None
+        row[f"speedup_vs_{key}"] = peer / ms if ms and peer else None
+    dense = [x for x in (row["cudnn_ms"], row["fa2_ms"], row["fa4_dense_ms"]) if x]
     row["dense_causal_tflops_best"] = dense_flops / min(dense) / 1e9 if dense else None
     row["ratio_vs_best_dense"] = ms / min(dense) if ms and dense else None
     results.append(row)
@@ -199,15 +184,16 @@ def main() -> None:
     for name in args.patterns:
         for seq in args.seqs:
             run_case(name, seq, args, results, variants)
-            write_results(args.out, results)
+            write_results(args.out, results, fa4=peers.fa4_missing() or "available")
     print(
         f"\n{'pattern':15s} {'seq':>7s} {'tiles/row':>9s} {'spdsl ms':>9s} {'flex ms':>9s} {'x flex':>7s} "
-        f"{'TF/s vis':>8s} {'cudnn':>8s} {'fa2':>8s} ok"
+        f"{'flash ms':>9s} {'x flash':>7s} {'TF/s vis':>8s} {'cudnn':>8s} {'fa4':>8s} ok"
     )
     for r in results:
         print(
             f"{r['pattern']:15s} {r['seq']:7d} {r['tiles_per_row']:9.2f} {cell(r['spdsl_ms'])} {cell(r['flex_ms'])} "
-            f"{cell(r['speedup_vs_flex'], 7, 2)} {cell(r['visible_tflops'], 8, 0)} {cell(r['cudnn_ms'], 8)} {cell(r['fa2_ms'], 8)} "
+            f"{cell(r['speedup_vs_flex'], 7, 2)} {cell(r['flex_flash_ms'])} {cell(r['speedup_vs_flex_flash'], 7, 2)} "
+            f"{cell(r['visible_tflops'], 8, 0)} {cell(r['cudnn_ms'], 8)} {cell(r['fa4_dense_ms'], 8)} "
             f"{r['correct']}"
         )
     print(f"wrote {args.out}")
