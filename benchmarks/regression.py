@@ -93,6 +93,7 @@ def main() -> None:
         a, b = old.attention(q, k, v), fwd(q, k, v)[0]
         t_old, t_new = ab(bench, lambda old=old, x=(q, k, v): old.attention(*x), lambda f=fwd, x=(q, k, v): f(*x))
         shape = {"kind": "prefill", "pattern": name, "seq": seq, "batch": 1, "heads": H, "head_dim": D}
+        shape["config"] = new.module.tuned_config(D, dtype, q.device)  # chosen on the first call (per dtype, D)
         record(rows, args, shape, t_old, t_new, rel(b, a), f"prefill {name:15s} {seq:7d}")
         del q, k, v
         torch.cuda.empty_cache()

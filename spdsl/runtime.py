@@ -23,7 +23,13 @@ from .pattern import as_pattern
 
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
 #: 3 stages won every measured Hopper row; 2 stages is what GPUs with less shared memory can compile.
-DEFAULT_CONFIGS = (KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 2))
+#: Both loop shapes are kept: dropping the two-loop one cost power 5% at 8K and 32K on an H200
+#: (benchmarks/results/regression.json against bd2575d, which had all three).
+DEFAULT_CONFIGS = (
+    KernelConfig(128, 128, 8, 3),
+    KernelConfig(128, 128, 8, 3, one_loop=True),
+    KernelConfig(128, 128, 8, 2, one_loop=True),
+)
 #: The backward's, timed likewise on its first CUDA call (the best two of a sweep on an H200,
 #: benchmarks/results/backward_explore.json); deterministic.
 DEFAULT_BWD_CONFIGS = (
