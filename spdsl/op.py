@@ -39,7 +39,7 @@ class SparseAttention:
         self.path = path
         self.key = key
         self.op_name = f"spdsl::{pattern.name}_{key}"
-        self._fwd = _register(self.op_name, pattern, module)
+        self._fwd, self._decode = _register(self.op_name, pattern, module)
 
     def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
         """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log).
@@ -51,8 +51,14 @@ class SparseAttention:
             q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
         if scale is not None:
             scale = resolve_scale(scale, q.shape[-1])
-        out, lse = self._fwd(q, k, v, scale, q_offset)
+        if _direct(q, k, v) and not self._on_cpu(q):  # eager, nothing to differentiate: no op dispatch
+            out, lse = self.module.forward(q, k, v, scale=scale, q_offset=q_offset, validate=False)
+        else:
+            out, lse = self._fwd(q, k, v, scale, q_offset)
         return (out, lse) if return_lse else out
+
+    def _on_cpu(self, q) -> bool:
+        return q.device.type == "cpu" and not self.module.interpreting()
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
         """Packed sequences (FlashAttention varlen conventions), differentiable; see the generated module."""
@@ -64,14 +70,18 @@ class SparseAttention:
         """KV-cache decode (FlashAttention ``flash_attn_with_kvcache`` conventions); see the generated module.
 
         CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked backend.
+        Under ``torch.compile`` it is the custom op ``<op name>_decode`` (no graph break; CUDA-graph safe).
         """
-        if q.device.type == "cpu" and not self.module.interpreting():
+        if torch.compiler.is_compiling():
+            out, lse = self._decode(q, k_cache, v_cache, cache_seqlens, block_table, scale)
+        elif self._on_cpu(q):
             self.module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
             out, lse = _decode_cpu(self.pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
-            return (out, lse) if return_lse else out
-        return self.module.decode(
-            q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=return_lse
-        )
+        else:
+            return self.module.decode(
+                q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=return_lse
+            )
+        return (out, lse) if return_lse else out
 
     def __repr__(self) -> str:
         return f"<spdsl op {self.op_name} from {self.path}>"
@@ -91,7 +101,7 @@ def _decode_cpu(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_tabl
     from .blocked import attention_blocked
 
     B, Sq, Hq, _ = q.shape
-    out = torch.zeros_like(q)
+    out = q.new_zeros(q.shape)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
     for b, n in enumerate(cache_seqlens.tolist()):
         if block_table is None:
@@ -163,4 +173,31 @@ def _register(name: str, pattern: Pattern, module):
         return *bwd(dout, dlse, q, k, v, out, lse, *ctx.args), None, None
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    return fwd
+
+    @torch.library.custom_op(f"{name}_decode", mutates_args=())
+    def decode(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        block_table: torch.Tensor | None,
+        scale: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if on_cpu(q):
+            return _decode_cpu(pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
+        return module.decode(q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=True)
+
+    @decode.register_fake
+    def _(q, k_cache, v_cache, cache_seqlens, block_table, scale):
+        module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
+        B, Sq, H, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+    return fwd, decode
+
+
+def _direct(*tensors) -> bool:
+    """Eager and nothing to differentiate: the generated module can be called without the custom op."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -266,3 +266,35 @@ def test_fake_impl_shapes(op):
         k = torch.empty(2, 1, 40, 64)
         out, lse = op(q, k, k, return_lse=True)
     assert out.shape == (2, 4, 17, 64) and lse.shape == (2, 4, 17) and lse.dtype == torch.float32
+
+
+def test_decode_under_torch_compile_fullgraph(op):
+    """op.decode is a custom op under torch.compile (no graph break), same result as eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    kc, vc = (torch.randn(2, 40, 2, 16, generator=g) for _ in range(2))
+    lens = torch.tensor([40, 23], dtype=torch.int32)
+
+    def f(q, kc, vc, lens):
+        out, lse = op.decode(q, kc, vc, lens, return_lse=True)
+        return out * 2, lse
+
+    got, lse = torch.compile(f, fullgraph=True, backend="aot_eager")(q, kc, vc, lens)
+    want, want_lse = f(q, kc, vc, lens)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_eager_no_grad_call_skips_the_custom_op(op, monkeypatch):
+    """Inference in eager mode calls the generated module directly (no dispatch); with grad it is the op."""
+    q, k, v = qkv()
+    calls = []
+    monkeypatch.setattr(op, "_fwd", lambda *a: calls.append(a) or op.module.forward(*a[:3], validate=False))
+    monkeypatch.setattr(op, "_on_cpu", lambda q: False)
+    monkeypatch.setattr(op.module, "forward", lambda q, k, v, **kw: (q.clone(), q.new_zeros(q.shape[:3])))
+    with torch.no_grad():
+        op(q, k, v)
+    assert calls == []
+    op(q.requires_grad_(), k, v)
+    assert len(calls) == 1
