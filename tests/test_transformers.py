@@ -4,6 +4,8 @@ chunked prefill and the static cache. Tiny random models on the CPU (the op's bl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ POWER = spdsl.compile(
 STREAM = spdsl.compile("pattern tiny_stream() { unit 4 causal attend sink(1) | local(2) }")
 CAUSAL = spdsl.load(data_path("patterns/causal.spd"))
 VOCAB = 97
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(arch: str, layers: int = 2):
@@ -223,7 +226,33 @@ def test_the_hf_extra_pins_the_tested_range():
 
     from spdsl.integrations import transformers as backend
 
-    text = (data_path("patterns").parent / "pyproject.toml").read_text()
+    text = (ROOT / "pyproject.toml").read_text()
     assert f"transformers{backend.SUPPORTED}" in tomllib.loads(text)["project"]["optional-dependencies"]["hf"]
     with pytest.warns(UserWarning, match="tested with"):
         backend._check_version("4.50.0")
+
+
+def test_generated_kernels_in_a_model_under_the_interpreter(tmp_path):
+    """The Triton prefill and decode kernels (not the CPU backend) inside the model: the cache as
+    transformers holds it, [B, Hkv, S, D] seen as [B, S, Hkv, D], decoded without a copy."""
+    from tests.helpers import scoped_env
+
+    model, ids = tiny("llama"), prompt(29, seed=8)
+    want_logits = logits(model, oracle(POWER), ids)
+    want = generate(model, "oracle", ids, 4)
+    with scoped_env(TRITON_INTERPRET="1", SPDSL_CACHE_DIR=str(tmp_path)):
+        pattern = spdsl.compile(POWER.source)  # a fresh module, imported with the interpreter on
+        name = register(pattern, name="spdsl_interp")
+        op = spdsl.build(pattern)
+        assert op.module.interpreting()
+        torch.testing.assert_close(logits(model, name, ids), want_logits, atol=2e-5, rtol=1e-4)
+        assert generate(model, name, ids, 4).tolist() == want.tolist()
+
+
+def test_the_example_runs(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["transformers_power.py", "--prompt", "300", "--tokens", "3"])
+    runpy.run_path(str(ROOT / "examples" / "transformers_power.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["sdpa", "spdsl"]

@@ -1,0 +1,192 @@
+"""Model benchmark: a Llama-style model (random weights) with SDPA, FlexAttention and spdsl attention.
+
+    python benchmarks/models.py                       # ~1.2B params, 16 layers, Hq 32 / Hkv 8, D 128, bf16; 32K and 128K
+    python benchmarks/models.py --contexts 32768 --decode-steps 16
+
+Per context (B1): prefill time (eager forward over the prompt, DynamicCache) and per-token decode
+latency (eager, the cache grown by the prompt), for transformers' SDPA backend (dense causal), spdsl
+with ``patterns/power.spd`` (``spdsl.integrations.transformers.register``) and FlexAttention on the
+same layout (an op-level peer registered the same way: transformers' own flex backend knows only
+its causal mask). Correctness: at every context the spdsl model's last-position logits against the
+Flex model's (the same pattern, another kernel). Then the per-call eager cost table (B1, Hq 32, Hkv 8,
+D 128, a 4K cache, one new token) and the host setup time of a new prefill length.
+Writes benchmarks/results/models.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import spdsl  # noqa: E402
+from benchmarks import peers  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
+
+
+def model_of(args):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=args.max_context,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def register_flex(pattern) -> str:
+    """FlexAttention with the pattern's BlockMask as a transformers attention function (prefill only)."""
+    import transformers
+
+    compiled, masks = peers.compiled_flex(), {}
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if (q_len, kv_len) not in masks:
+            masks[(q_len, kv_len)] = pattern.layout(q_len, kv_len, 128, 128).to_block_mask(device="cuda")
+        out = compiled(query, key, value, block_mask=masks[(q_len, kv_len)], scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    transformers.AttentionInterface.register("flex_pattern", attend)
+    return "flex_pattern"
+
+
+def timed(fn, reps: int) -> float:
+    """Mean ms of ``reps`` calls after one warm call, synchronized."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+@torch.no_grad()
+def run_context(model, impl: str, ctx: int, args) -> dict:
+    import transformers
+
+    model.set_attn_implementation(impl)
+    ids = torch.randint(0, 32000, (1, ctx), device="cuda", generator=torch.Generator("cuda").manual_seed(ctx))
+    prefill_ms = timed(lambda: model(ids, use_cache=False, logits_to_keep=1), args.prefill_reps)
+    cache = transformers.DynamicCache(config=model.config)
+    out = model(ids, past_key_values=cache, logits_to_keep=1)
+    logits = out.logits[0, -1].float()
+    nxt = out.logits[:, -1:].argmax(-1)
+    decode_ms = None
+    if impl != "flex_pattern":  # Flex would need a new BlockMask per length: not a decode peer here
+        model(nxt, past_key_values=cache)  # warm the decode path
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.decode_steps):
+            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        decode_ms = (time.perf_counter() - t0) * 1e3 / args.decode_steps
+    del cache, out
+    torch.cuda.empty_cache()
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "last_logits": logits}
+
+
+def eager_call_us(op, reps: int = 2000) -> dict:
+    """Host cost per eager call at B1, Hq 32, Hkv 8, D 128, a 4K cache, one new token (calls queued, one sync)."""
+    g = torch.Generator("cuda").manual_seed(1)
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    kc, vc = (torch.randn(1, 4096, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    lens = torch.full((1,), 4096, dtype=torch.int32, device="cuda")
+    qh, kh, vh = q.transpose(1, 2).contiguous(), kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {
+        "spdsl_decode": lambda: op.decode(q, kc, vc, lens),
+        "spdsl_q1": lambda: op(qh, kh, vh),
+        "sdpa_gqa": lambda: sdpa(qh, kh, vh, enable_gqa=True),
+    }
+    out = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            out[name] = timed(fn, reps) * 1e3
+    return out
+
+
+def new_length_setup_ms(op, seqs) -> dict:
+    """Host time a new prefill length adds to its first call (layout and plan), beyond a steady call."""
+    out = {}
+    for seq in seqs:
+        g = torch.Generator("cuda").manual_seed(seq)
+        q, k, v = (torch.randn(1, 32, seq, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        op(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1])  # the kernel compiled and tuned at another length
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        op(q, k, v)
+        torch.cuda.synchronize()
+        first = (time.perf_counter() - t0) * 1e3
+        steady = timed(lambda q=q, k=k, v=v: op(q, k, v), 5)
+        out[str(seq)] = max(first - steady, 0.0)
+        del q, k, v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--prefill-reps", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "models.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/models.py needs a CUDA GPU (none found); tests/test_transformers.py covers correctness")
+    import transformers
+
+    from spdsl.integrations.transformers import register
+
+    args.max_context = max(args.contexts)
+    pattern = spdsl.load(ROOT / "patterns" / "power.spd")
+    op = spdsl.build(pattern)
+    extra = {"transformers": transformers.__version__}
+    extra["eager_call_us"] = eager_call_us(op)
+    print("eager call us:", extra["eager_call_us"], flush=True)
+    extra["new_length_setup_ms"] = new_length_setup_ms(op, [8192, 32768, 131072])
+    print("new length setup ms:", extra["new_length_setup_ms"], flush=True)
+    model, n_params = model_of(args)
+    extra["model"] = {"params": n_params, "layers": args.layers, "hq": 32, "hkv": 8, "head_dim": 128}
+    impls = [("sdpa", "sdpa", "dense causal"), (register(pattern), "spdsl", "power")]
+    impls.append((register_flex(pattern), "flex (op-level, Triton backend)", "power"))
+    rows: list[dict] = []
+    for ctx in args.contexts:
+        logits = {}
+        for impl, backend, pat in impls:
+            try:
+                r = run_context(model, impl, ctx, args)
+            except Exception as e:  # a peer that cannot run this context is reported, not fatal
+                rows.append(
+                    {"backend": backend, "pattern": pat, "context": ctx, "error": f"{type(e).__name__}: {e}"[:300]}
+                )
+                torch.cuda.empty_cache()
+                continue
+            logits[backend] = r.pop("last_logits")
+            rows.append({"backend": backend, "pattern": pat, "context": ctx, "mode": "eager", **r})
+            print(rows[-1], flush=True)
+        ref = logits.get("flex (op-level, Triton backend)")
+        for row in rows:
+            if row["context"] == ctx and row["backend"] == "spdsl" and ref is not None:
+                diff = ((logits["spdsl"] - ref).norm() / ref.norm()).item()
+                row["logits_rel_diff_vs_flex"], row["correct"] = diff, diff < 5e-2
+        sdpa = next((r for r in rows if r["context"] == ctx and r["backend"] == "sdpa" and "error" not in r), None)
+        ours = next((r for r in rows if r["context"] == ctx and r["backend"] == "spdsl" and "error" not in r), None)
+        if sdpa and ours:
+            ours["prefill_speedup_vs_sdpa"] = sdpa["prefill_ms"] / ours["prefill_ms"]
+            ours["decode_speedup_vs_sdpa"] = sdpa["decode_ms_per_token"] / ours["decode_ms_per_token"]
+        write_results(args.out, rows, **extra)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
