@@ -51,10 +51,10 @@ class SparseAttention:
             q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
         if scale is not None:
             scale = resolve_scale(scale, q.shape[-1])
-        if _direct(q, k, v) and not self._on_cpu(q):  # eager, nothing to differentiate: no op dispatch
-            out, lse = self.module.forward(q, k, v, scale=scale, q_offset=q_offset, validate=False)
-        else:
-            out, lse = self._fwd(q, k, v, scale, q_offset)
+        if _direct(q, k, v) and not self._on_cpu(q):  # eager, nothing to differentiate: no op dispatch,
+            # and no LSE unless asked for (the custom op always returns it: the backward needs it)
+            return self.module.forward(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, validate=False)
+        out, lse = self._fwd(q, k, v, scale, q_offset)
         return (out, lse) if return_lse else out
 
     def _on_cpu(self, q) -> bool:

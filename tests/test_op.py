@@ -292,9 +292,16 @@ def test_eager_no_grad_call_skips_the_custom_op(op, monkeypatch):
     calls = []
     monkeypatch.setattr(op, "_fwd", lambda *a: calls.append(a) or op.module.forward(*a[:3], validate=False))
     monkeypatch.setattr(op, "_on_cpu", lambda q: False)
-    monkeypatch.setattr(op.module, "forward", lambda q, k, v, **kw: (q.clone(), q.new_zeros(q.shape[:3])))
+    seen = []
+
+    def forward(q, k, v, return_lse=True, **kw):
+        seen.append(return_lse)
+        return (q.clone(), q.new_zeros(q.shape[:3])) if return_lse else q.clone()
+
+    monkeypatch.setattr(op.module, "forward", forward)
     with torch.no_grad():
-        op(q, k, v)
-    assert calls == []
+        assert op(q, k, v).shape == q.shape
+        assert op(q, k, v, return_lse=True)[1].shape == q.shape[:3]
+    assert calls == [] and seen == [False, True]  # no LSE written unless asked for
     op(q.requires_grad_(), k, v)
     assert len(calls) == 1
