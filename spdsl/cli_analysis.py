@@ -77,6 +77,15 @@ def analyze(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: one object per file.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table, one row per file.")] = False,
     png: PngOpt = None,
+    match: Annotated[
+        Path | None,
+        typer.Option(
+            "--match-density", metavar="REF.spd", help="Set --vary so each FILE's density at --seq meets REF's."
+        ),
+    ] = None,
+    vary: Annotated[
+        str | None, typer.Option("--vary", metavar="PARAM", help="The parameter --match-density chooses.")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Density, tiles per q-tile, decode bytes, layers to full reach and receptive field at --seq.
@@ -90,11 +99,37 @@ def analyze(
     from .analyze import format_report
     from .show import save_reach_png
 
+    if (match is None) != (vary is None):
+        raise typer.BadParameter("give --match-density REF.spd and --vary PARAM together", param_hint="--vary")
     with cli_errors(debug):
         patterns = [(f, load_from_cli(f, define, pattern)) for f in files]
+        matched = {}
+        if match is not None:
+            from .density import density_at, match_density
+
+            target = density_at(load_from_cli(match, None), seq, block)
+            for i, (f, p) in enumerate(patterns):
+                m = match_density(p, vary, target, seq)
+                patterns[i] = (f, m.pattern)
+                matched[f] = {
+                    "param": vary,
+                    "value": m.value,
+                    "density": m.density,
+                    "target": target,
+                    "ref": str(match),
+                }
         results = []
         for f, p in patterns:
             res = run_analysis(p, seq, block=block, head_dim=head_dim, kv_heads=kv_heads, dtype_bytes=dtype_bytes)
+            if f in matched:
+                res["matched"] = matched[f]
+                if not (as_json or markdown):
+                    m = matched[f]
+                    typer.echo(
+                        f"{f}: {vary}={m['value']} gives density {100 * m['density']:.3f}% "
+                        f"(target {100 * m['target']:.3f}%, {match} at seq {seq:,})"
+                        + (f"; no {vary} reaches the target, this is the closest" if m["out_of_reach"] else "")
+                    )
             results.append(res | {"file": str(f)})
             if not (as_json or markdown):
                 typer.echo(format_report(res, str(f)))
