@@ -437,8 +437,8 @@ def test_contract_behaviour_on_cpu(power_module):
 #: less, and at its end (commit db64561) it had 1008 (1514 * 2/3 = 1009.3). "Training" then added
 #: the backward kernels and autograd (templates/triton/backward*.py.jinja) and, in the forward's
 #: templates, what they share with it (_keep_t, the kv-major plans, BWD_CONFIGS): ~50 lines. The
-#: refactor had also dropped the prefill's two-loop variant, which cost power 5% at 8K/32K on an H200
-#: (benchmarks/results/regression.json); restoring it as a config (`one_loop`) took ~25 lines.
+#: refactor had also dropped the prefill's two-loop variant that bd2575d tuned beside the one-loop
+#: ones; restoring it as a config (`one_loop`, while chasing a 2-6% prefill regression) took ~25 lines.
 FORWARD_MAX_LINES = 1085
 OLD_FORWARD_ONLY_LINES = 1514
 
