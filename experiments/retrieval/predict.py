@@ -43,7 +43,9 @@ def pair_mask(n: int, sinks: int = 1) -> np.ndarray:
     return (k < q) & (k >= sinks)
 
 
-def predict(seq: int, layers: int, unit_scale: int = 1) -> dict:
+def load_patterns(seq: int, unit_scale: int = 1) -> dict[str, tuple[spdsl.Pattern, dict | None]]:
+    """name -> (pattern, how it was matched): every unit divided by ``unit_scale``, each baseline's
+    parameter matched to power's density at ``seq``."""
     loaded = {}
     for name in PATTERNS:
         text = (HERE / "patterns" / f"{name}.spd").read_text()
@@ -51,13 +53,21 @@ def predict(seq: int, layers: int, unit_scale: int = 1) -> dict:
             text = text.replace("unit 64", f"unit {64 // unit_scale}")
         loaded[name] = spdsl.compile(text, filename=f"patterns/{name}.spd")
     target = density_at(loaded["power"], seq)
-    rows = []
+    out = {}
     for name, param in PATTERNS.items():
-        p = loaded[name]
-        match = None
+        p, match = loaded[name], None
         if param is not None:
             m = match_density(p, param, target, seq)
             p, match = m.pattern, {"param": param, "value": m.value, "out_of_reach": m.out_of_reach}
+        out[name] = (p, match)
+    return out
+
+
+def predict(seq: int, layers: int, unit_scale: int = 1) -> dict:
+    patterns = load_patterns(seq, unit_scale)
+    target = density_at(patterns["power"][0], seq)
+    rows = []
+    for name, (p, match) in patterns.items():
         h = hops(p, seq, max(layers, 64))
         scored = pair_mask(h.shape[0])
         linked = h[scored]
@@ -79,7 +89,7 @@ def predict(seq: int, layers: int, unit_scale: int = 1) -> dict:
     return {
         "seq": seq,
         "layers": layers,
-        "units": -(-seq // loaded["power"].unit),
+        "units": -(-seq // patterns["power"][0].unit),
         "power_density": target,
         "scored_pairs": "probe unit after needle unit; needle never in the sink unit (unit 0)",
         "predicted_order": [r["pattern"] for r in order],
