@@ -94,3 +94,6 @@ def test_the_pipeline_runs_on_the_cpu(tmp_path, capsys):
     train.main(["--smoke", "--patterns", "dense", "sliding", "--out", str(out)])  # resumed: nothing to do
     assert "done already" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["runs"]) == 2
+    load_script("plot").main(["--results", str(out)])
+    assert (tmp_path / "accuracy_vs_distance.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_vs_hops.png").stat().st_size > 0
