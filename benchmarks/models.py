@@ -42,23 +42,6 @@ def model_of(args):
     return model, sum(p.numel() for p in model.parameters())
 
 
-def register_flex(pattern) -> str:
-    """FlexAttention with the pattern's BlockMask as a transformers attention function (prefill only)."""
-    import transformers
-
-    compiled, masks = peers.compiled_flex(), {}
-
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if (q_len, kv_len) not in masks:
-            masks[(q_len, kv_len)] = pattern.layout(q_len, kv_len, 128, 128).to_block_mask(device="cuda")
-        out = compiled(query, key, value, block_mask=masks[(q_len, kv_len)], scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-
-    transformers.AttentionInterface.register("flex_pattern", attend)
-    return "flex_pattern"
-
-
 def timed(fn, reps: int) -> float:
     """Mean ms of ``reps`` calls after one warm call, synchronized."""
     fn()
@@ -161,7 +144,7 @@ def main() -> None:
     model, n_params = model_of(args)
     extra["model"] = {"params": n_params, "layers": args.layers, "hq": 32, "hkv": 8, "head_dim": 128}
     impls = [("sdpa", "sdpa", "dense causal"), (register(pattern), "spdsl", "power")]
-    impls.append((register_flex(pattern), "flex (op-level, Triton backend)", "power"))
+    impls.append((peers.register_flex_transformers(pattern), "flex (op-level, Triton backend)", "power"))
     rows: list[dict] = []
     for ctx in args.contexts:
         logits = {}

@@ -99,3 +99,21 @@ def try_time(timer, fn):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         return None, f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def register_flex_transformers(pattern, name: str = "flex_pattern", backend: str = "TRITON") -> str:
+    """FlexAttention on the pattern's BlockMask as a transformers attention function (no KV cache:
+    queries are the last keys; one BlockMask per (q_len, kv_len)); differentiable. Returns ``name``."""
+    import transformers
+
+    masks = {}
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if (q_len, kv_len) not in masks:
+            masks[(q_len, kv_len)] = pattern.layout(q_len, kv_len, 128, 128).to_block_mask(device=query.device)
+        run = flex(masks[(q_len, kv_len)], query, key, value, scaling, backend=backend, gqa=True)
+        return run().transpose(1, 2).contiguous(), None
+
+    transformers.AttentionInterface.register(name, attend)
+    return name

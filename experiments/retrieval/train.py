@@ -106,6 +106,47 @@ def run(name, pattern, match, seed, args, vocab) -> dict:
     }  # fmt: skip
 
 
+def _ms_per_step(model, batch, lr: float, steps: int) -> float:
+    """Training steps (bf16 autocast, AdamW) timed after 3 warm ones (compiles Flex)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch.tokens, labels=batch.labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def step_times(name, pattern, args, vocab, steps: int) -> dict:
+    """ms per training step at the final length with spdsl's kernels and with FlexAttention's (same
+    layout, Triton backend), the same model and batch; CUDA only."""
+    if args.device != "cuda":
+        return {"spdsl_ms": None, "flex_ms": None, "note": "step times are measured on CUDA only"}
+    from benchmarks.peers import register_flex_transformers
+    from spdsl.integrations.transformers import register
+
+    g = torch.Generator("cuda").manual_seed(7)
+    batch = make_batch(args.batch, args.seq, pattern.unit, args.probes, vocab, g, "cuda")
+    out = {}
+    for kernel, attn in (
+        ("spdsl", register(pattern, name=f"retrieval_{name}")),
+        ("flex", register_flex_transformers(pattern, name=f"retrieval_flex_{name}")),
+    ):
+        out[f"{kernel}_ms"] = _ms_per_step(model_for(args, vocab, attn, seed=0), batch, args.lr, steps)
+    print(f"  step time {name}: spdsl {out['spdsl_ms']:.1f} ms, flex {out['flex_ms']:.1f} ms", flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patterns", nargs="+", default=["dense", "power", "sliding", "stride", "dilated", "longnet"])
@@ -126,6 +167,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny CPU settings: the pipeline, not a result")
+    ap.add_argument("--step-times", type=int, default=20, metavar="N",
+                    help="also time N training steps per pattern, spdsl and Flex kernels (CUDA; 0: skip)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.smoke:
         args.seq, args.unit_scale, args.curriculum, args.steps = 512, 4, "256:0.5,512:0.5", 4
@@ -135,7 +178,8 @@ def main(argv=None) -> None:
     vocab = Vocab()
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"config": {}, "runs": []}
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "patterns", "seeds", "log_every")}
+    skip = ("out", "patterns", "seeds", "log_every", "step_times")
+    config = {k: v for k, v in vars(args).items() if k not in skip}
     if doc["runs"] and doc["config"] != config:
         sys.exit(f"{out} holds runs of another configuration; pass another --out (or delete it)")
     doc["config"] = config
@@ -153,6 +197,11 @@ def main(argv=None) -> None:
             r, u = row["reachable"], row["unreachable"]
             print(f"{name} seed {seed}: reachable {r['mean']} [{r['lo']}, {r['hi']}], unreachable {u['mean']} "
                   f"(chance {row['chance']:.3f})", flush=True)  # fmt: skip
+    if args.step_times:
+        for name in args.patterns:
+            if name not in doc.setdefault("step_times", {}):
+                doc["step_times"][name] = step_times(name, patterns[name][0], args, vocab, args.step_times)
+                out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
 
 
