@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +15,18 @@ def bench(fn, warmup: int = 100, rep: int = 400) -> float:
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def timed(fn, reps: int, warm: int = 1) -> float:
+    """Mean wall ms of ``reps`` calls after ``warm`` ones, synchronized (host cost included)."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def write_results(path: str | Path, rows: list[dict], **extra) -> None:

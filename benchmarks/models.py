@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
 from benchmarks import peers  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import timed, write_results  # noqa: E402
 
 
 def model_of(args):
@@ -40,17 +40,6 @@ def model_of(args):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     return model, sum(p.numel() for p in model.parameters())
-
-
-def timed(fn, reps: int) -> float:
-    """Mean ms of ``reps`` calls after one warm call, synchronized."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 @torch.no_grad()

@@ -117,14 +117,9 @@ def _ms_per_step(model, batch, lr: float, steps: int) -> float:
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / steps
+    from benchmarks.common import timed
+
+    return timed(step, steps, warm=3)
 
 
 def step_times(name, pattern, args, vocab, steps: int) -> dict:
