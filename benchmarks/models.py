@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--prefill-reps", type=int, default=2)
+    ap.add_argument("--calls-only", action="store_true", help="only the eager-call table and the new-length setup")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "models.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,6 +131,10 @@ def main() -> None:
     print("eager call us:", extra["eager_call_us"], flush=True)
     extra["new_length_setup_ms"] = new_length_setup_ms(op, [8192, 32768, 131072])
     print("new length setup ms:", extra["new_length_setup_ms"], flush=True)
+    if args.calls_only:
+        write_results(args.out, [], **extra)
+        print(f"wrote {args.out}")
+        return
     model, n_params = model_of(args)
     extra["model"] = {"params": n_params, "layers": args.layers, "hq": 32, "hkv": 8, "head_dim": 128}
     impls = [("sdpa", "sdpa", "dense causal"), (register(pattern), "spdsl", "power")]
