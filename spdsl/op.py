@@ -58,7 +58,7 @@ class SparseAttention:
         return (out, lse) if return_lse else out
 
     def _on_cpu(self, q) -> bool:
-        return q.device.type == "cpu" and not self.module.interpreting()
+        return _on_cpu(self.module, q)
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
         """Packed sequences (FlashAttention varlen conventions), differentiable; see the generated module."""
@@ -121,14 +121,11 @@ def _register(name: str, pattern: Pattern, module):
     """Define the forward and backward custom ops and connect them with ``register_autograd``."""
     from .blocked import attention_blocked, attention_blocked_backward
 
-    def on_cpu(q) -> bool:
-        return q.device.type == "cpu" and not module.interpreting()
-
     @torch.library.custom_op(name, mutates_args=())
     def fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if on_cpu(q):  # inputs checked by __call__ / the fake
+        if _on_cpu(module, q):  # inputs checked by __call__ / the fake
             out, lse = attention_blocked(_cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True)
             return out.to(q.dtype), lse.float()
         return module.forward(q, k, v, scale=scale, q_offset=q_offset, validate=False)  # __call__ checked them
@@ -151,7 +148,7 @@ def _register(name: str, pattern: Pattern, module):
         scale: float | None,
         q_offset: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if on_cpu(q):
+        if _on_cpu(module, q):
             lay = _cpu_layout(pattern, q, k, q_offset)
             grads = attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
             # the fake promises the strides of q, k, v (empty_like), as the GPU kernels write them
@@ -183,7 +180,7 @@ def _register(name: str, pattern: Pattern, module):
         block_table: torch.Tensor | None,
         scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if on_cpu(q):
+        if _on_cpu(module, q):
             return _decode_cpu(pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
         return module.decode(q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=True)
 
@@ -194,6 +191,11 @@ def _register(name: str, pattern: Pattern, module):
         return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 
     return fwd, decode
+
+
+def _on_cpu(module, q) -> bool:
+    """CPU tensors without the Triton interpreter: the blocked PyTorch backend runs them."""
+    return q.device.type == "cpu" and not module.interpreting()
 
 
 def _direct(*tensors) -> bool:

@@ -23,9 +23,9 @@ from .pattern import as_pattern
 
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
 #: 3 stages won every measured Hopper row; 2 stages is what GPUs with less shared memory can compile.
-#: Both loop shapes are kept, as bd2575d had them (the one-core refactor had dropped the two-loop one
-#: while power's prefill measured 2-6% slower than bd2575d; that run also timed today's kernel writing
-#: the LSE against the baseline's not writing it, so which change cost what is not yet measured).
+#: Both loop shapes are kept, as bd2575d had them (the one-core refactor had dropped the two-loop one).
+#: Restoring it did not close the 2-3% prefill gap to bd2575d (power and sliding at 8K/32K, equal work,
+#: benchmarks/results/regression.json): the tuner picks one-loop s3 there.
 DEFAULT_CONFIGS = (
     KernelConfig(128, 128, 8, 3),
     KernelConfig(128, 128, 8, 3, one_loop=True),

@@ -26,6 +26,7 @@ mask functions other than plain causal (``or_mask_function`` overlays, sliding o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Mapping
@@ -38,8 +39,8 @@ from ..pattern import Pattern, as_pattern
 from ..resources import data_path
 
 #: The transformers versions this backend is tested with (``pip install spdsl[hf]``).
-SUPPORTED = ">=5.17,<5.25"
 OLDEST, NEWEST_EXCLUDED = (5, 17), (5, 25)
+SUPPORTED = f">={OLDEST[0]}.{OLDEST[1]},<{NEWEST_EXCLUDED[0]}.{NEWEST_EXCLUDED[1]}"
 
 
 @dataclasses.dataclass
@@ -109,7 +110,7 @@ class _Backend:
 
     def __init__(self, name: str, default: Pattern | None, layers: Mapping[int, Pattern | None]):
         self.name = name
-        self._patterns = {"default": default, **{i: p for i, p in layers.items()}}
+        self._patterns = {"default": default, **layers}
         self._ops: dict[int, SparseAttention] = {}
 
     def op_for(self, layer: int | None) -> SparseAttention:
@@ -130,7 +131,7 @@ class _Backend:
                 f"spdsl's transformers backend has no attention dropout (got dropout={dropout} in training); "
                 "set config.attention_dropout = 0.0"
             )
-        mask = self._check_mask(attention_mask, query, key)
+        mask = self._check_mask(attention_mask, query)
         op = self.op_for(getattr(module, "layer_idx", None))
         if mask is None:
             out = op(query, key, value, scale=scaling)
@@ -144,7 +145,7 @@ class _Backend:
         out = op(query, key[:, :, :filled], value[:, :, :filled], scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
-    def _check_mask(self, mask, query, key) -> SpdslMask | None:
+    def _check_mask(self, mask, query) -> SpdslMask | None:
         if mask is None:  # no mask hook ran (a model calling attention directly): keys are the filled ones
             return None
         if not isinstance(mask, SpdslMask):
@@ -183,16 +184,11 @@ def _padded(op: SparseAttention, query, key, value, scaling, mask: SpdslMask) ->
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _dense_causal() -> Pattern:
-    global _DENSE
-    if _DENSE is None:
-        from ..pattern import load
+    from ..pattern import load
 
-        _DENSE = load(data_path("patterns/causal.spd"))
-    return _DENSE
-
-
-_DENSE: Pattern | None = None
+    return load(data_path("patterns/causal.spd"))
 
 
 def _pattern(spec, what: str) -> Pattern | None:
