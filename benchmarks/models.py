@@ -6,8 +6,8 @@
 Per context (B1): prefill time (eager forward over the prompt, DynamicCache) and per-token decode
 latency (eager, the cache grown by the prompt), for transformers' SDPA backend (dense causal), spdsl
 with ``patterns/power.spd`` (``spdsl.integrations.transformers.register``) and FlexAttention on the
-same layout (an op-level peer registered the same way: transformers' own flex backend knows only
-its causal mask). Correctness: at every context the spdsl model's last-position logits against the
+same layout with its Triton and its FLASH (FA4) backends (op-level peers registered the same way:
+transformers' own flex backend knows only its causal mask; FLASH reported missing without FA4). Correctness: at every context the spdsl model's last-position logits against the
 Flex model's (the same pattern, another kernel). Then the per-call eager cost table (B1, Hq 32, Hkv 8,
 D 128, a 4K cache, one new token) and the host setup time of a new prefill length.
 Writes benchmarks/results/models.json (or --out).
@@ -43,7 +43,7 @@ def model_of(args):
 
 
 @torch.no_grad()
-def run_context(model, impl: str, ctx: int, args) -> dict:
+def run_context(model, impl: str, ctx: int, args, decodes: bool = True) -> dict:
     import transformers
 
     model.set_attn_implementation(impl)
@@ -54,7 +54,7 @@ def run_context(model, impl: str, ctx: int, args) -> dict:
     logits = out.logits[0, -1].float()
     nxt = out.logits[:, -1:].argmax(-1)
     decode_ms = None
-    if impl != "flex_pattern":  # Flex would need a new BlockMask per length: not a decode peer here
+    if decodes:  # the op-level Flex peers would need a new BlockMask per length: not decode peers here
         model(nxt, past_key_values=cache)  # warm the decode path
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -137,14 +137,21 @@ def main() -> None:
         return
     model, n_params = model_of(args)
     extra["model"] = {"params": n_params, "layers": args.layers, "hq": 32, "hkv": 8, "head_dim": 128}
-    impls = [("sdpa", "sdpa", "dense causal"), (register(pattern), "spdsl", "power")]
-    impls.append((peers.register_flex_transformers(pattern), "flex (op-level, Triton backend)", "power"))
+    flex, flash = "flex (op-level, Triton backend)", "flex (op-level, FLASH backend)"
+    impls = [("sdpa", "sdpa", "dense causal", True), (register(pattern), "spdsl", "power", True)]
+    impls.append((peers.register_flex_transformers(pattern), flex, "power", False))
+    flash_missing = peers.fa4_missing()
+    if not flash_missing:
+        name = peers.register_flex_transformers(pattern, name="flex_flash_pattern", backend="FLASH")
+        impls.append((name, flash, "power", False))
     rows: list[dict] = []
     for ctx in args.contexts:
         logits = {}
-        for impl, backend, pat in impls:
+        if flash_missing:
+            rows.append({"backend": flash, "pattern": "power", "context": ctx, "error": flash_missing})
+        for impl, backend, pat, decodes in impls:
             try:
-                r = run_context(model, impl, ctx, args)
+                r = run_context(model, impl, ctx, args, decodes)
             except Exception as e:  # a peer that cannot run this context is reported, not fatal
                 rows.append(
                     {"backend": backend, "pattern": pat, "context": ctx, "error": f"{type(e).__name__}: {e}"[:300]}
@@ -154,7 +161,7 @@ def main() -> None:
             logits[backend] = r.pop("last_logits")
             rows.append({"backend": backend, "pattern": pat, "context": ctx, "mode": "eager", **r})
             print(rows[-1], flush=True)
-        ref = logits.get("flex (op-level, Triton backend)")
+        ref = logits.get(flex)
         for row in rows:
             if row["context"] == ctx and row["backend"] == "spdsl" and ref is not None:
                 diff = ((logits["spdsl"] - ref).norm() / ref.norm()).item()
@@ -164,7 +171,10 @@ def main() -> None:
         if sdpa and ours:
             ours["prefill_speedup_vs_sdpa"] = sdpa["prefill_ms"] / ours["prefill_ms"]
             ours["decode_speedup_vs_sdpa"] = sdpa["decode_ms_per_token"] / ours["decode_ms_per_token"]
-        write_results(args.out, rows, **extra)
+        peer = next((r for r in rows if r["context"] == ctx and r["backend"] == flash and "error" not in r), None)
+        if peer and ours:
+            ours["prefill_speedup_vs_flex_flash"] = peer["prefill_ms"] / ours["prefill_ms"]
+        write_results(args.out, rows, **extra, fa4=flash_missing or "available")
     print(f"wrote {args.out}")
 
 

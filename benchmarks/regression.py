@@ -8,7 +8,9 @@ Each case is checked for equal results first (both against each other, within bf
 the kernels are timed A/B/A/B/A/B -- the baseline module's ``attention`` / ``decode`` against
 today's module's ``forward`` / ``decode`` (``spdsl.build(p).module``), both called directly with their
 input checks -- with ``do_bench`` medians (prefill) or CUDA-graph replays (decode); the best median of
-each side counts. ``ratio`` = today / baseline: above 1.02 is a regression.
+each side counts. ``ratio`` = today / baseline: above 1.02 is a regression. For scale, every row
+also times FlexAttention on the same layout with its Triton and FLASH (FA4) backends (``flex_ms``,
+``flex_flash_ms``; paged decode rows: none, Flex takes no pages; null with the reason when FA4 is absent).
 Writes benchmarks/results/regression.json (or --out).
 """
 
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
+from benchmarks import peers  # noqa: E402
 from benchmarks.common import bench, write_results  # noqa: E402
 from benchmarks.decode import bench_graph, paged_copy  # noqa: E402
 
@@ -72,7 +75,23 @@ def record(rows: list[dict], args, shape: dict, t_old: float, t_new: float, diff
     rows.append({**shape, "baseline_ms": t_old, "ms": t_new, "ratio": t_new / t_old, "rel_diff": diff, "equal": equal})
     flag = "" if equal else f"  RESULTS DIFFER (relative {diff:.1e} >= {SAME})"
     print(f"{label} baseline {t_old:.4f} ms  now {t_new:.4f} ms  ratio {t_new / t_old:.3f}  diff {diff:.1e}{flag}")
-    write_results(args.out, rows, baseline_commit=args.commit)
+    write_results(args.out, rows, baseline_commit=args.commit, fa4=peers.fa4_missing() or "available")
+
+
+def flex_peers(layout, q, k, v, timer) -> dict:
+    """``flex_ms`` / ``flex_flash_ms`` (None with ``*_error``): FlexAttention's Triton and FLASH (FA4)
+    backends on the same layout, for scale beside the two spdsl columns."""
+    bm, out = layout.to_block_mask(device="cuda"), {}
+    for key, backend in (("flex", "TRITON"), ("flex_flash", "FLASH")):
+        try:
+            fn = peers.flex(bm, q, k, v, 1.0 / q.shape[-1] ** 0.5, backend=backend)
+        except RuntimeError as e:  # FA4 not installed
+            out[f"{key}_ms"], out[f"{key}_error"] = None, str(e)
+            continue
+        out[f"{key}_ms"], error = peers.try_time(timer, fn)
+        if error:
+            out[f"{key}_error"] = error
+    return out
 
 
 def main() -> None:
@@ -97,6 +116,7 @@ def main() -> None:
         t_old, t_new = ab(bench, lambda old=old, x=(q, k, v): old.attention(*x), lambda f=fwd, x=(q, k, v): f(*x))
         shape = {"kind": "prefill", "pattern": name, "seq": seq, "batch": 1, "heads": H, "head_dim": D}
         shape["config"] = new.module.tuned_config(D, dtype, q.device)  # chosen on the first call (per dtype, D)
+        shape |= flex_peers(new.pattern.layout(seq, seq, 128, 128), q, k, v, bench)
         record(rows, args, shape, t_old, t_new, rel(b, a), f"prefill {name:15s} {seq:7d}")
         del q, k, v
         torch.cuda.empty_cache()
@@ -122,6 +142,10 @@ def main() -> None:
             )
             shape = {"kind": "decode", "pattern": name, "seq": seq, "batch": B, "paged": paged}
             shape |= {"q_heads": H, "kv_heads": Hkv, "head_dim": D}
+            if not paged:  # Flex reads [B, H, S, D] caches (not pages): copies, made once
+                qf, kf, vf = q.transpose(1, 2), kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
+                shape |= flex_peers(new.pattern.layout(1, seq, 128, 128, seq - 1), qf, kf, vf, bench_graph)
+                del kf, vf
             record(
                 rows, args, shape, t_old, t_new, rel(b, a), f"decode  {name:15s} B{B:<3d} {seq:7d} paged={paged!s:5s}"
             )
