@@ -15,6 +15,7 @@ command is run again (resumable).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -142,6 +143,34 @@ def step_times(name, pattern, args, vocab, steps: int) -> dict:
     return out
 
 
+def write(path: Path, doc: dict) -> None:
+    """Rewrite results.json atomically (a run killed mid-write leaves the previous file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+class Clock:
+    """``--deadline``: refuses to start work that the longest piece so far says would overrun."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline, self.t0, self.longest = deadline, time.perf_counter(), 0.0
+
+    def allows(self, what: str) -> bool:
+        left = None if self.deadline is None else self.deadline - (time.perf_counter() - self.t0)
+        if left is None or self.longest < left:
+            return True
+        print(f"stopping before {what}: {left:.0f} s left of --deadline, the longest piece took "
+              f"{self.longest:.0f} s; run the same command again to resume", flush=True)  # fmt: skip
+        return False
+
+    @contextlib.contextmanager
+    def timing(self):
+        t = time.perf_counter()
+        yield
+        self.longest = max(self.longest, time.perf_counter() - t)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patterns", nargs="+", default=["dense", "power", "sliding", "stride", "dilated", "longnet"])
@@ -164,6 +193,9 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU settings: the pipeline, not a result")
     ap.add_argument("--step-times", type=int, default=20, metavar="N",
                     help="also time N training steps per pattern, spdsl and Flex kernels (CUDA; 0: skip)")  # fmt: skip
+    ap.add_argument("--deadline", type=float, default=None, metavar="S",
+                    help="stop before starting work that would end later than S seconds after the start "
+                         "(judged by the longest run so far); run again to resume")  # fmt: skip
     args = ap.parse_args(argv)
     if args.smoke:
         args.seq, args.unit_scale, args.curriculum, args.steps = 512, 4, "256:0.5,512:0.5", 4
@@ -173,30 +205,37 @@ def main(argv=None) -> None:
     vocab = Vocab()
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"config": {}, "runs": []}
-    skip = ("out", "patterns", "seeds", "log_every", "step_times")
+    skip = ("out", "patterns", "seeds", "log_every", "step_times", "deadline")
     config = {k: v for k, v in vars(args).items() if k not in skip}
     if doc["runs"] and doc["config"] != config:
         sys.exit(f"{out} holds runs of another configuration; pass another --out (or delete it)")
     doc["config"] = config
     doc["command"] = "python experiments/retrieval/train.py " + " ".join(sys.argv[1:] if argv is None else argv)
     done = {(r["pattern"], r["seed"]) for r in doc["runs"]}
+    clock = Clock(args.deadline)
     for seed in args.seeds:
         for name in args.patterns:
             if (name, seed) in done:
                 print(f"{name} seed {seed}: done already (in {out})")
                 continue
+            if not clock.allows(f"{name} seed {seed}"):
+                return
             pattern, match = patterns[name]
-            row = run(name, pattern, match, seed, args, vocab)
+            with clock.timing():
+                row = run(name, pattern, match, seed, args, vocab)
             doc["runs"].append(row)
-            out.write_text(json.dumps(doc, indent=1) + "\n")
+            write(out, doc)
             r, u = row["reachable"], row["unreachable"]
             print(f"{name} seed {seed}: reachable {r['mean']} [{r['lo']}, {r['hi']}], unreachable {u['mean']} "
                   f"(chance {row['chance']:.3f})", flush=True)  # fmt: skip
     if args.step_times:
         for name in args.patterns:
             if name not in doc.setdefault("step_times", {}):
-                doc["step_times"][name] = step_times(name, patterns[name][0], args, vocab, args.step_times)
-                out.write_text(json.dumps(doc, indent=1) + "\n")
+                if not clock.allows(f"step times of {name}"):
+                    return
+                with clock.timing():
+                    doc["step_times"][name] = step_times(name, patterns[name][0], args, vocab, args.step_times)
+                write(out, doc)
     print(f"wrote {out}")
 
 
