@@ -44,8 +44,10 @@ class SparseAttention:
     def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
         """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log).
 
-        Differentiable in q, k and v (and through LSE when it is returned).
+        Differentiable in q, k and v (and through LSE when it is returned). Under ``torch.autocast``
+        the inputs are cast to its dtype first, as SDPA's are.
         """
+        q, k, v = _autocast(q, k, v)
         self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
         if q_offset is not None:
             q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
@@ -62,6 +64,7 @@ class SparseAttention:
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
         """Packed sequences (FlashAttention varlen conventions), differentiable; see the generated module."""
+        q, k, v = _autocast(q, k, v)
         return self.module.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, return_lse=return_lse
         )
@@ -71,7 +74,9 @@ class SparseAttention:
 
         CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked backend.
         Under ``torch.compile`` it is the custom op ``<op name>_decode`` (no graph break; CUDA-graph safe).
+        Under ``torch.autocast`` the inputs are cast to its dtype first, as SDPA's are.
         """
+        q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
         if torch.compiler.is_compiling():
             out, lse = self._decode(q, k_cache, v_cache, cache_seqlens, block_table, scale)
         elif self._on_cpu(q):
@@ -111,7 +116,8 @@ def _decode_cpu(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_tabl
             pages = block_table[b, : -(-n // page)].long()
             k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
         qb, kb, vb = q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2)
-        o, l_ = attention_blocked(_cpu_layout(pattern, qb, kb, None), qb, kb, vb, scale=scale, return_lse=True)
+        with torch.autocast("cpu", enabled=False):
+            o, l_ = attention_blocked(_cpu_layout(pattern, qb, kb, None), qb, kb, vb, scale=scale, return_lse=True)
         out[b] = o[0].transpose(0, 1).to(q.dtype)
         lse[b] = l_[0].float()
     return out, lse
@@ -125,8 +131,11 @@ def _register(name: str, pattern: Pattern, module):
     def fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if _on_cpu(module, q):  # inputs checked by __call__ / the fake
-            out, lse = attention_blocked(_cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True)
+        if _on_cpu(module, q):  # inputs checked by __call__ / the fake; run in their dtype (see _autocast)
+            with torch.autocast("cpu", enabled=False):
+                out, lse = attention_blocked(
+                    _cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True
+                )
             return out.to(q.dtype), lse.float()
         return module.forward(q, k, v, scale=scale, q_offset=q_offset, validate=False)  # __call__ checked them
 
@@ -150,7 +159,8 @@ def _register(name: str, pattern: Pattern, module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if _on_cpu(module, q):
             lay = _cpu_layout(pattern, q, k, q_offset)
-            grads = attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
+            with torch.autocast("cpu", enabled=False):  # autograd replays the forward's autocast state
+                grads = attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
             # the fake promises the strides of q, k, v (empty_like), as the GPU kernels write them
             return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
         return module.backward(dout, q, k, v, out, lse, scale=scale, q_offset=q_offset, dlse=dlse, validate=False)
@@ -196,6 +206,17 @@ def _register(name: str, pattern: Pattern, module):
 def _on_cpu(module, q) -> bool:
     """CPU tensors without the Triton interpreter: the blocked PyTorch backend runs them."""
     return q.device.type == "cpu" and not module.interpreting()
+
+
+def _autocast(*tensors):
+    """SDPA's autocast rule: inside ``torch.autocast`` attention runs in its low-precision dtype (mixed
+    inputs otherwise reach the kernels as float32: in a transformers Llama, RoPE makes q and k float32,
+    and the float32 kernels are ~100x slower than bfloat16 ones)."""
+    t = tensors[0]
+    if not isinstance(t, torch.Tensor) or not torch.is_autocast_enabled(t.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(t.device.type)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in tensors)
 
 
 def _direct(*tensors) -> bool:

@@ -305,3 +305,25 @@ def test_eager_no_grad_call_skips_the_custom_op(op, monkeypatch):
     assert calls == [] and seen == [False, True]  # no LSE written unless asked for
     op(q.requires_grad_(), k, v)
     assert len(calls) == 1
+
+
+def test_autocast_casts_mixed_inputs_like_sdpa(op):
+    """Inside torch.autocast the op runs in autocast's dtype, as SDPA does; a transformers Llama hands
+    it float32 q/k (RoPE) and bfloat16 v, which without the cast was a dtype error or the float32 kernels."""
+    q, k, v = qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(q, k, v.bfloat16())
+        ref_sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v.bfloat16(), enable_gqa=True)
+        expected = op(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == ref_sdpa.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    q.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        op(q, k, v).float().sum().backward()
+    assert q.grad.dtype == torch.float32 and bool(torch.isfinite(q.grad).all())
+
+
+def test_autocast_off_keeps_the_dtype_rule(op):
+    q, k, v = qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False), pytest.raises(TypeError, match="share one dtype"):
+        op(q, k, v.bfloat16())
