@@ -22,15 +22,11 @@ from .op import SparseAttention
 from .pattern import as_pattern
 
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
-#: 3 stages won every measured Hopper row; 2 stages is what GPUs with less shared memory can compile.
-#: Both loop shapes are kept, as bd2575d had them (the one-core refactor had dropped the two-loop one).
-#: Restoring it did not close the 2-3% prefill gap to bd2575d (power and sliding at 8K/32K, equal work,
-#: benchmarks/results/regression.json): the tuner picks one-loop s3 there.
-DEFAULT_CONFIGS = (
-    KernelConfig(128, 128, 8, 3),
-    KernelConfig(128, 128, 8, 3, one_loop=True),
-    KernelConfig(128, 128, 8, 2, one_loop=True),
-)
+#: 3 stages won every measured Hopper row (by 5-13%); 2 stages is what GPUs with less shared memory
+#: can compile. bd2575d also tried a loop per tile kind (full, then partial): 8-12% slower than the one
+#: loop on every H200 row of benchmarks/results/regression.json (each config pinned on both sides), so
+#: it is gone.
+DEFAULT_CONFIGS = (KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 2))
 #: The backward's, timed likewise on its first CUDA call (the best two of a sweep on an H200,
 #: benchmarks/results/backward_explore.json); deterministic.
 DEFAULT_BWD_CONFIGS = (

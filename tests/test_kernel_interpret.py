@@ -34,11 +34,11 @@ def interpreter_env(tmp_path_factory):
         yield
 
 
-def build(pattern, block_m: int = 16, block_n: int = 16, one_loop: bool = False):
+def build(pattern, block_m: int = 16, block_n: int = 16):
     """The op (cached in-process by spdsl.build) with a single small interpreter config."""
     if isinstance(pattern, str):
         pattern = spdsl.compile(pattern)
-    return spdsl.build(pattern, block_m=block_m, block_n=block_n, num_warps=4, num_stages=1, one_loop=one_loop)
+    return spdsl.build(pattern, block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
 
 
 def qkv(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0, strided=False):
@@ -100,7 +100,6 @@ def cases(draw):
         dtype=draw(st.sampled_from([torch.float32, torch.float16])),
         block_m=draw(st.sampled_from([16, 32])),
         block_n=draw(st.sampled_from([16, 32])),
-        one_loop=draw(st.booleans()),
         q_offset=q_offset,
         scale=draw(st.sampled_from([None, 0.3])),
         strided=draw(st.booleans()),
@@ -109,7 +108,7 @@ def cases(draw):
 
 
 def run_case(case):
-    op = build(spdsl.Pattern(case["pattern"]), case["block_m"], case["block_n"], case["one_loop"])
+    op = build(spdsl.Pattern(case["pattern"]), case["block_m"], case["block_n"])
     q, k, v = qkv(*case["shape"], case["dtype"], case["seed"], case["strided"])
     check_against_reference(op, q, k, v, scale=case["scale"], q_offset=case["q_offset"])
 
@@ -135,10 +134,9 @@ def test_primitive_cases_cover_every_primitive():
     assert names == set(prims.PRIMITIVES)
 
 
-@pytest.mark.parametrize("one_loop", [False, True], ids=["two_loops", "one_loop"])
 @pytest.mark.parametrize("body", PRIMITIVE_CASES)
-def test_each_primitive(body, one_loop):
-    op = build(f"pattern p {{ {body} }}", 16, 32, one_loop)
+def test_each_primitive(body):
+    op = build(f"pattern p {{ {body} }}", 16, 32)
     check_against_reference(op, *qkv(1, 2, 1, 37, 45, 16, torch.float32, seed=1))
 
 

@@ -55,9 +55,6 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     warp_specialize: bool = False
-    #: one pipelined loop over full and partial tiles (a runtime branch picks the predicate), rather
-    #: than a loop for each kind; which is faster depends on the pattern and length
-    one_loop: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
