@@ -97,3 +97,15 @@ def test_the_pipeline_runs_on_the_cpu(tmp_path, capsys):
     load_script("plot").main(["--results", str(out)])
     assert (tmp_path / "accuracy_vs_distance.png").stat().st_size > 0
     assert (tmp_path / "accuracy_vs_hops.png").stat().st_size > 0
+
+
+def test_deadline_stops_before_a_run_that_would_overrun(tmp_path, capsys):
+    train = load_script("train")
+    out = tmp_path / "results.json"
+    # the first run always starts; with a 0.01 s deadline the second one (a run took longer) does not
+    train.main(["--smoke", "--patterns", "dense", "sliding", "--out", str(out), "--deadline", "0.01"])
+    assert [r["pattern"] for r in json.loads(out.read_text())["runs"]] == ["dense"]
+    assert "run the same command again to resume" in capsys.readouterr().out
+    train.main(["--smoke", "--patterns", "dense", "sliding", "--out", str(out)])  # resumes where it stopped
+    assert [r["pattern"] for r in json.loads(out.read_text())["runs"]] == ["dense", "sliding"]
+    assert not (tmp_path / "results.json.tmp").exists()
