@@ -42,7 +42,6 @@ ATOMIC_BWD_CONFIGS = tuple(dataclasses.replace(c, atomic_dq=True) for c in DEFAU
 
 _LOCK = threading.Lock()
 _OPS: dict[tuple, SparseAttention] = {}  # by (module key, heads): ops of one module share it
-_MODULES: dict[str, object] = {}
 
 
 def _versions() -> str:
@@ -138,12 +137,12 @@ def build(pattern, heads=None, **config) -> SparseAttention:
     with _LOCK:
         if (key, heads) in _OPS:
             return _OPS[key, heads]
-        module = _MODULES.get(key)
+        path = cache.cache_dir() / f"{name}_{key}.py"
+        module = next((o.module for (k, _), o in _OPS.items() if k == key), None)  # other heads, same patterns
         if module is None:
-            path = cache.cache_dir() / f"{name}_{key}.py"
             cache.get_or_create(path, lambda: render_module(spec))
-            module = _MODULES[key] = import_generated(path, f"spdsl_gen_{name}_{key}")
-        op = SparseAttention(pats if heads is not None else pats[0], module, Path(module.__file__), key, heads)
+            module = import_generated(path, f"spdsl_gen_{name}_{key}")
+        op = SparseAttention(pats if heads is not None else pats[0], module, path, key, heads)
         _OPS[key, heads] = op
         return op
 

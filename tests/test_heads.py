@@ -243,6 +243,15 @@ def test_a_single_patterns_module_has_no_per_head_code_in_its_kernels():
     assert "UNIT_1 = tl.constexpr(2)" in multi and "PATTERNS = (" in multi
 
 
+def test_a_per_head_module_defines_every_name_it_uses():
+    from tests.test_codegen import EVERY_OP, undefined_globals
+
+    every = spdsl.compile(EVERY_OP)
+    text = render_module(BuildSpec((POWER.ir, every.ir, BAND.ir), ""))
+    assert undefined_globals(text) == set()
+    assert text.count("def _keep_t_") == 3 and "def _tiles_visible(" in text
+
+
 def _kernel(text: str, name: str) -> str:
     start = text.index(f"def {name}(")
     return text[start : text.index("\n@triton.jit", start)]
@@ -252,3 +261,26 @@ def test_the_scale_argument_reaches_every_head(op):
     q, k, v, _ = inputs(1, 6, 2, 20, 20, seed=11)
     want = reference.attention_heads(PATTERNS, HEADS, q, k, v, scale=0.5 / math.sqrt(16))
     torch.testing.assert_close(op(q, k, v, scale=0.5 / math.sqrt(16)).double(), want, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_fullgraph_forward_backward_and_decode():
+    """The per-head op's custom ops (heads bound in them) trace with fullgraph=True: CPU backend."""
+    torch._dynamo.reset()
+    with scoped_env(TRITON_INTERPRET=None):
+        op = spdsl.build(PATTERNS, heads=HEADS, block_m=TILE, block_n=TILE)
+        q, k, v, dout = inputs(1, 6, 2, 23, 23, seed=12)
+
+        def loss(q, k, v):
+            out, lse = op(q, k, v, return_lse=True)
+            return (out * dout).sum() + lse.nan_to_num(0, 0, 0).sum()
+
+        got = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(*got).backward()
+        want = [t.clone().requires_grad_() for t in (q, k, v)]
+        loss(*want).backward()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.grad, b.grad)
+        qd, kc, vc = q[:, :, :1].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        lens = torch.tensor([23], dtype=torch.int32)
+        compiled = torch.compile(lambda *a: op.decode(*a) * 2, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(qd, kc, vc, lens), op.decode(qd, kc, vc, lens) * 2)
