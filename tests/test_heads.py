@@ -13,11 +13,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import spdsl
 from spdsl import reference
 from spdsl.codegen import BackwardConfig, BuildSpec, KernelConfig, render_module
 from tests.helpers import scoped_env
+from tests.strategies import n_examples, pattern_irs
 
 POWER = spdsl.compile("pattern pw { unit 4 causal attend sink(1) | local(3) | powers(2) }")
 BAND = spdsl.compile("pattern bd { unit 2 attend band(-2, 1) | every(5) }")  # bidirectional
@@ -185,6 +188,45 @@ def test_two_patterns_with_other_tiles_and_fp16(op):
     q, k, v, _ = inputs(1, 4, 2, 41, 41, dtype=torch.float16, seed=10)
     want = reference.attention_heads([STREAM, POWER], [1, 0, 0, 1], q, k, v)
     torch.testing.assert_close(two(q, k, v).double(), want, atol=4e-3, rtol=0)
+
+
+@st.composite
+def cases(draw):
+    """2 or 3 random patterns (each its own unit and causality), heads drawn per query head, GQA."""
+    patterns = [spdsl.Pattern(p) for p in draw(st.lists(pattern_irs(max_depth=2), min_size=2, max_size=3))]
+    Hkv, group = draw(st.sampled_from([(1, 3), (2, 2), (1, 4), (3, 1)]))
+    heads = draw(st.lists(st.integers(0, len(patterns) - 1), min_size=Hkv * group, max_size=Hkv * group))
+    Sq, Skv = draw(st.integers(1, 50)), draw(st.integers(1, 50))
+    q_offset = draw(st.one_of(st.none(), st.integers(-30, 60)))
+    return patterns, heads, (1, Hkv * group, Hkv, Sq, Skv), q_offset, draw(st.integers(0, 2**16))
+
+
+def check_case(case):
+    patterns, heads, shape, q_offset, seed = case
+    o = spdsl.build(patterns, heads=heads, configs=[KernelConfig(TILE, TILE, 4, 1)], backward_configs=[BWD])
+    q, k, v, dout = inputs(*shape, seed=seed)
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = o(*got, q_offset=q_offset)
+    (out * dout).sum().backward()
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = reference.attention_heads(patterns, heads, *ref, q_offset=q_offset)
+    (want * dout.double()).sum().backward()
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4 * max(1.0, b.grad.abs().max().item()), rtol=0)
+
+
+@settings(max_examples=n_examples(6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_random_patterns_and_heads_forward_and_backward(case):
+    check_case(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=n_examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_random_patterns_and_heads_thorough(case):
+    check_case(case)
 
 
 # --------------------------------------------------------------------------------------------
