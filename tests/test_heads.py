@@ -144,6 +144,24 @@ def test_decode_contiguous_and_paged(op, Sq):
     assert torch.equal(op.decode(q, kp, vp, seqlens, block_table=bt), out), "paged equals contiguous bit for bit"
 
 
+def test_decode_visits_the_tiles_of_every_pattern_of_a_group():
+    """A group mixing a sink-only and a local-only pattern: their tiles do not overlap, so decode must
+    take the union (group 0) and, for a group of one pattern, only that pattern's (group 1)."""
+    sink = spdsl.compile("pattern sk { unit 4 causal attend sink(2) }")
+    local = spdsl.compile("pattern lc { unit 5 causal attend local(2) }")
+    heads = [0, 1, 1, 1]
+    o = spdsl.build([sink, local], heads=heads, configs=[KernelConfig(TILE, TILE, 4, 1)], backward_configs=[BWD])
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 1, 4, 16, generator=gen)
+    kc, vc = (torch.randn(2, 100, 2, 16, generator=gen) for _ in range(2))
+    seqlens = torch.tensor([100, 61], dtype=torch.int32)
+    out = o.decode(q, kc, vc, seqlens)
+    for b, n in enumerate(seqlens.tolist()):
+        qb, kb, vb = q[b : b + 1].transpose(1, 2), kc[b : b + 1, :n].transpose(1, 2), vc[b : b + 1, :n].transpose(1, 2)
+        want = reference.attention_heads([sink, local], heads, qb, kb, vb)[0].transpose(0, 1)
+        torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=0)
+
+
 def test_varlen_equals_per_sequence_calls(op):
     q, k, v, _ = inputs(1, 6, 2, 40, 40, seed=8)
     lens = [(17, 23), (23, 17)]
