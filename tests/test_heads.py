@@ -344,3 +344,51 @@ def test_torch_compile_fullgraph_forward_backward_and_decode():
         lens = torch.tensor([23], dtype=torch.int32)
         compiled = torch.compile(lambda *a: op.decode(*a) * 2, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(qd, kc, vc, lens), op.decode(qd, kc, vc, lens) * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu: CUDA is not available")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_per_head_equals_each_pattern_alone(dtype):
+    """On CUDA (compiled kernels, one fixed config): each head of a per-head op gives what its pattern's
+    own op gives on that head, for prefill (odd lengths), the backward and decode (paged too)."""
+    from spdsl.resources import pattern_path
+
+    pats = [
+        spdsl.load(pattern_path("power")),
+        spdsl.compile("pattern s64 { unit 64 causal attend sink(1) | local(5) }"),
+    ]
+    heads, cfg = [0, 1, 1, 0, 1, 1, 1, 0], dict(block_m=128, block_n=128, num_warps=8, num_stages=2)
+    tol = dict(atol=2e-2, rtol=2e-2)  # the same tiles in the same order; sums over heads and splits may round apart
+    with scoped_env(TRITON_INTERPRET=None):
+        multi = spdsl.build(pats, heads=heads, **cfg)
+        singles = [spdsl.build(p, **cfg) for p in pats]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, 8, 3001, 128, device="cuda", dtype=dtype, generator=g, requires_grad=True)
+        k, v = (torch.randn(1, 2, 5003, 128, device="cuda", dtype=dtype, generator=g, requires_grad=True) for _ in "kv")
+        dout = torch.randn_like(q)
+        out = multi(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        want_dk, want_dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
+        for i, single in enumerate(singles):
+            qi = torch.tensor([h for h, j in enumerate(heads) if j == i], device="cuda")
+            sub = [t.detach().index_select(1, idx).requires_grad_() for t, idx in ((q, qi), (k, qi // 4), (v, qi // 4))]
+            o = single(*sub)
+            torch.testing.assert_close(out[:, qi], o, **tol)
+            dq, dk, dv = torch.autograd.grad(o, sub, dout[:, qi])
+            torch.testing.assert_close(grads[0][:, qi], dq, **tol)
+            want_dk.index_add_(1, qi // 4, dk.float())
+            want_dv.index_add_(1, qi // 4, dv.float())
+        torch.testing.assert_close(grads[1].float(), want_dk, **tol)  # a group adds up heads of both patterns
+        torch.testing.assert_close(grads[2].float(), want_dv, **tol)
+        kc, vc = (t.detach().transpose(1, 2).contiguous() for t in (k, v))  # [B, S, Hkv, D]
+        qd = q.detach()[:, :, -1:].transpose(1, 2).contiguous()
+        lens = torch.tensor([5003], dtype=torch.int32, device="cuda")
+        od = multi.decode(qd, kc, vc, lens)
+        kp, vp, bt = to_paged(kc[0:1].cpu().float(), vc[0:1].cpu().float(), 64, torch.Generator().manual_seed(1))
+        paged = multi.decode(qd, kp.to(kc), vp.to(vc), lens, block_table=bt.cuda())
+        torch.testing.assert_close(paged, od, atol=0, rtol=0)
+        for i, single in enumerate(singles):
+            qi = torch.tensor([h for h, j in enumerate(heads) if j == i], device="cuda")
+            want = single.decode(qd.index_select(2, qi), kc.index_select(2, qi // 4), vc.index_select(2, qi // 4), lens)
+            torch.testing.assert_close(od[:, :, qi], want, **tol)
