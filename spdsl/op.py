@@ -10,6 +10,7 @@ CPU tensors the blocked PyTorch backend (:mod:`spdsl.blocked`), within the ``cpu
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ class SparseAttention:
     (torch.Size([1, 2, 24, 16]), True)
     """
 
-    def __init__(self, pattern: Pattern | tuple[Pattern, ...], module, path: Path, key: str, heads=None):
+    def __init__(
+        self, pattern: Pattern | tuple[Pattern, ...], module, path: Path, key: str, heads: Sequence[int] | None = None
+    ):
         """``pattern``: one pattern, or a tuple of them with ``heads`` (each query head's pattern index)."""
         self.patterns = pattern if isinstance(pattern, tuple) else (pattern,)
         #: the pattern; None for per-head patterns (see ``patterns`` and ``heads``)
@@ -125,23 +128,20 @@ def _cpu_layout(pattern: Pattern, q, k, q_offset):
     return lay
 
 
-def _pick(t, idx, dim: int = 1):
-    return t if idx is None else t.index_select(dim, idx)
-
-
 def _forward_cpu(patterns, heads, q, k, v, scale, q_offset):
-    """The blocked backend, each pattern on its own heads (per-head patterns: one call per pattern)."""
+    """The blocked backend; per-head patterns run a pattern at a time, each on its heads (and their kv heads)."""
     from .blocked import attention_blocked
 
-    parts = split(patterns, heads, q.shape[1], k.shape[1])
+    def run(pattern, q, k, v):
+        o, l_ = attention_blocked(_cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True)
+        return o.to(q.dtype), l_.float()
+
+    if heads is None:
+        return run(patterns[0], q, k, v)
     out = q.new_empty(q.shape)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    for pattern, qi, ki in parts:
-        qp, kp, vp = _pick(q, qi), _pick(k, ki), _pick(v, ki)
-        o, l_ = attention_blocked(_cpu_layout(pattern, qp, kp, q_offset), qp, kp, vp, scale=scale, return_lse=True)
-        if qi is None:
-            return o.to(q.dtype), l_.float()
-        out[:, qi], lse[:, qi] = o.to(q.dtype), l_.float()
+    for pattern, qi, ki in split(patterns, heads, q.shape[1], k.shape[1]):
+        out[:, qi], lse[:, qi] = run(pattern, q[:, qi], k[:, ki], v[:, ki])
     return out, lse
 
 
@@ -149,20 +149,20 @@ def _backward_cpu(patterns, heads, dout, dlse, q, k, v, out, lse, scale, q_offse
     """Gradients from the blocked backend; with per-head patterns the kv heads' gradients add up over patterns."""
     from .blocked import attention_blocked_backward
 
-    grads = [torch.zeros(x.shape, dtype=torch.float32) for x in (q, k, v)]
-    for pattern, qi, ki in split(patterns, heads, q.shape[1], k.shape[1]):
-        qp, kp, vp = _pick(q, qi), _pick(k, ki), _pick(v, ki)
-        lay = _cpu_layout(pattern, qp, kp, q_offset)
-        dl = None if dlse is None else _pick(dlse, qi)
-        dq, dk, dv = attention_blocked_backward(
-            lay, qp, kp, vp, _pick(out, qi), _pick(lse, qi), _pick(dout, qi), scale=scale, dlse=dl
-        )
-        if qi is None:
-            grads = [dq, dk, dv]
-            break
-        grads[0][:, qi] = dq.float()
-        grads[1].index_add_(1, ki, dk.float())
-        grads[2].index_add_(1, ki, dv.float())
+    def run(pattern, q, k, v, out, lse, dout, dlse):
+        lay = _cpu_layout(pattern, q, k, q_offset)
+        return attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
+
+    if heads is None:
+        grads = run(patterns[0], q, k, v, out, lse, dout, dlse)
+    else:
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v)]
+        for pattern, qi, ki in split(patterns, heads, q.shape[1], k.shape[1]):
+            dl = None if dlse is None else dlse[:, qi]
+            dq, dk, dv = run(pattern, q[:, qi], k[:, ki], v[:, ki], out[:, qi], lse[:, qi], dout[:, qi], dl)
+            grads[0][:, qi] = dq.float()
+            grads[1].index_add_(1, ki, dk.float())
+            grads[2].index_add_(1, ki, dv.float())
     # the fake promises the strides of q, k, v (empty_like), as the GPU kernels write them
     return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
 
