@@ -212,9 +212,14 @@ def test_static_cache_generates_like_the_dynamic_cache():
 
 
 @pytest.mark.slow
-def test_static_cache_under_torch_compile():
+@pytest.mark.parametrize("per_head", [False, True], ids=["one-pattern", "per-head"])
+def test_static_cache_under_torch_compile(per_head):
     model, ids = tiny("llama"), prompt(31, seed=7)
-    name = register(POWER, name="spdsl_power")
+    name = (
+        register([POWER, STREAM], heads=[0, 1, 1, 0], name="spdsl_ph")
+        if per_head
+        else register(POWER, name="spdsl_power")
+    )
     want = generate(model, name, ids, 8)
     model.forward = torch.compile(model.forward, fullgraph=False)
     assert generate(model, name, ids, 8, cache_implementation="static").tolist() == want.tolist()
