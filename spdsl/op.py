@@ -9,6 +9,8 @@ CPU tensors the blocked PyTorch backend (:mod:`spdsl.blocked`), within the ``cpu
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ import torch
 from .core.checks import resolve_scale
 from .core.ir import resolve_q_offset
 from .core.limits import require
+from .heads import check_count, split
 from .pattern import Pattern
 
 #: Tile size of the CPU backend's layouts.
@@ -33,13 +36,22 @@ class SparseAttention:
     (torch.Size([1, 2, 24, 16]), True)
     """
 
-    def __init__(self, pattern: Pattern, module, path: Path, key: str):
-        self.pattern = pattern
+    def __init__(
+        self, pattern: Pattern | tuple[Pattern, ...], module, path: Path, key: str, heads: Sequence[int] | None = None
+    ):
+        """``pattern``: one pattern, or a tuple of them with ``heads`` (each query head's pattern index)."""
+        self.patterns = pattern if isinstance(pattern, tuple) else (pattern,)
+        #: the pattern; None for per-head patterns (see ``patterns`` and ``heads``)
+        self.pattern = None if heads is not None else self.patterns[0]
+        self.heads = None if heads is None else tuple(heads)
         self.module = module
         self.path = path
         self.key = key
-        self.op_name = f"spdsl::{pattern.name}_{key}"
-        self._fwd, self._decode = _register(self.op_name, pattern, module)
+        name = "_".join(p.name for p in self.patterns)[:64]
+        tag = "" if heads is None else "_h" + hashlib.sha256(repr(self.heads).encode()).hexdigest()[:12]
+        self.op_name = f"spdsl::{name}_{key}{tag}"
+        self._kw = {} if heads is None else {"heads": self.heads}  # what the module's functions take
+        self._fwd, self._decode = _register(self.op_name, self.patterns, self.heads, module)
 
     def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
         """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log).
@@ -49,13 +61,16 @@ class SparseAttention:
         """
         q, k, v = _autocast(q, k, v)
         self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        check_count(self.heads, q.shape[1])
         if q_offset is not None:
             q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
         if scale is not None:
             scale = resolve_scale(scale, q.shape[-1])
         if _direct(q, k, v) and not self._on_cpu(q):  # eager, nothing to differentiate: no op dispatch,
             # and no LSE unless asked for (the custom op always returns it: the backward needs it)
-            return self.module.forward(q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, validate=False)
+            return self.module.forward(
+                q, k, v, scale=scale, q_offset=q_offset, return_lse=return_lse, validate=False, **self._kw
+            )
         out, lse = self._fwd(q, k, v, scale, q_offset)
         return (out, lse) if return_lse else out
 
@@ -66,7 +81,16 @@ class SparseAttention:
         """Packed sequences (FlashAttention varlen conventions), differentiable; see the generated module."""
         q, k, v = _autocast(q, k, v)
         return self.module.attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, return_lse=return_lse
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale=scale,
+            return_lse=return_lse,
+            **self._kw,
         )
 
     def decode(self, q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False):
@@ -81,10 +105,18 @@ class SparseAttention:
             out, lse = self._decode(q, k_cache, v_cache, cache_seqlens, block_table, scale)
         elif self._on_cpu(q):
             self.module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
-            out, lse = _decode_cpu(self.pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
+            check_count(self.heads, q.shape[2])
+            out, lse = _decode_cpu(self.patterns, self.heads, q, k_cache, v_cache, cache_seqlens, block_table, scale)
         else:
             return self.module.decode(
-                q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=return_lse
+                q,
+                k_cache,
+                v_cache,
+                cache_seqlens,
+                block_table=block_table,
+                scale=scale,
+                return_lse=return_lse,
+                **self._kw,
             )
         return (out, lse) if return_lse else out
 
@@ -101,10 +133,49 @@ def _cpu_layout(pattern: Pattern, q, k, q_offset):
     return lay
 
 
-def _decode_cpu(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale):
-    """CPU decode: gather each sequence's keys (paged or not) and run the blocked backend."""
+def _forward_cpu(patterns, heads, q, k, v, scale, q_offset):
+    """The blocked backend; per-head patterns run a pattern at a time, each on its heads (and their kv heads)."""
     from .blocked import attention_blocked
 
+    def run(pattern, q, k, v):
+        with torch.autocast("cpu", enabled=False):  # the inputs' dtype (see _autocast)
+            o, l_ = attention_blocked(_cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True)
+        return o.to(q.dtype), l_.float()
+
+    if heads is None:
+        return run(patterns[0], q, k, v)
+    out = q.new_empty(q.shape)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for pattern, qi, ki in split(patterns, heads, q.shape[1], k.shape[1]):
+        out[:, qi], lse[:, qi] = run(pattern, q[:, qi], k[:, ki], v[:, ki])
+    return out, lse
+
+
+def _backward_cpu(patterns, heads, dout, dlse, q, k, v, out, lse, scale, q_offset):
+    """Gradients from the blocked backend; with per-head patterns the kv heads' gradients add up over patterns."""
+    from .blocked import attention_blocked_backward
+
+    def run(pattern, q, k, v, out, lse, dout, dlse):
+        lay = _cpu_layout(pattern, q, k, q_offset)
+        with torch.autocast("cpu", enabled=False):  # autograd replays the forward's autocast state
+            return attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
+
+    if heads is None:
+        grads = run(patterns[0], q, k, v, out, lse, dout, dlse)
+    else:
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v)]
+        for pattern, qi, ki in split(patterns, heads, q.shape[1], k.shape[1]):
+            dl = None if dlse is None else dlse[:, qi]
+            dq, dk, dv = run(pattern, q[:, qi], k[:, ki], v[:, ki], out[:, qi], lse[:, qi], dout[:, qi], dl)
+            grads[0][:, qi] = dq.float()
+            grads[1].index_add_(1, ki, dk.float())
+            grads[2].index_add_(1, ki, dv.float())
+    # the fake promises the strides of q, k, v (empty_like), as the GPU kernels write them
+    return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
+
+
+def _decode_cpu(patterns, heads, q, k_cache, v_cache, cache_seqlens, block_table, scale):
+    """CPU decode: gather each sequence's keys (paged or not) and run the blocked backend."""
     B, Sq, Hq, _ = q.shape
     out = q.new_zeros(q.shape)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
@@ -116,32 +187,28 @@ def _decode_cpu(pattern: Pattern, q, k_cache, v_cache, cache_seqlens, block_tabl
             pages = block_table[b, : -(-n // page)].long()
             k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
         qb, kb, vb = q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2)
-        with torch.autocast("cpu", enabled=False):
-            o, l_ = attention_blocked(_cpu_layout(pattern, qb, kb, None), qb, kb, vb, scale=scale, return_lse=True)
-        out[b] = o[0].transpose(0, 1).to(q.dtype)
-        lse[b] = l_[0].float()
+        o, l_ = _forward_cpu(patterns, heads, qb, kb, vb, scale, None)
+        out[b] = o[0].transpose(0, 1)
+        lse[b] = l_[0]
     return out, lse
 
 
-def _register(name: str, pattern: Pattern, module):
+def _register(name: str, patterns: tuple[Pattern, ...], heads: tuple[int, ...] | None, module):
     """Define the forward and backward custom ops and connect them with ``register_autograd``."""
-    from .blocked import attention_blocked, attention_blocked_backward
+    kw = {} if heads is None else {"heads": heads}
 
     @torch.library.custom_op(name, mutates_args=())
     def fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, q_offset: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if _on_cpu(module, q):  # inputs checked by __call__ / the fake; run in their dtype (see _autocast)
-            with torch.autocast("cpu", enabled=False):
-                out, lse = attention_blocked(
-                    _cpu_layout(pattern, q, k, q_offset), q, k, v, scale=scale, return_lse=True
-                )
-            return out.to(q.dtype), lse.float()
-        return module.forward(q, k, v, scale=scale, q_offset=q_offset, validate=False)  # __call__ checked them
+        if _on_cpu(module, q):  # inputs checked by __call__ / the fake
+            return _forward_cpu(patterns, heads, q, k, v, scale, q_offset)
+        return module.forward(q, k, v, scale=scale, q_offset=q_offset, validate=False, **kw)  # __call__ checked them
 
     @fwd.register_fake
     def _(q, k, v, scale, q_offset):
         module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        check_count(heads, q.shape[1])
         B, H, S, D = q.shape
         return q.new_empty((B, H, S, D)), q.new_empty((B, H, S), dtype=torch.float32)
 
@@ -158,12 +225,8 @@ def _register(name: str, pattern: Pattern, module):
         q_offset: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if _on_cpu(module, q):
-            lay = _cpu_layout(pattern, q, k, q_offset)
-            with torch.autocast("cpu", enabled=False):  # autograd replays the forward's autocast state
-                grads = attention_blocked_backward(lay, q, k, v, out, lse, dout, scale=scale, dlse=dlse)
-            # the fake promises the strides of q, k, v (empty_like), as the GPU kernels write them
-            return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
-        return module.backward(dout, q, k, v, out, lse, scale=scale, q_offset=q_offset, dlse=dlse, validate=False)
+            return _backward_cpu(patterns, heads, dout, dlse, q, k, v, out, lse, scale, q_offset)
+        return module.backward(dout, q, k, v, out, lse, scale=scale, q_offset=q_offset, dlse=dlse, validate=False, **kw)
 
     @bwd.register_fake
     def _(dout, dlse, q, k, v, out, lse, scale, q_offset):
@@ -191,12 +254,15 @@ def _register(name: str, pattern: Pattern, module):
         scale: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if _on_cpu(module, q):
-            return _decode_cpu(pattern, q, k_cache, v_cache, cache_seqlens, block_table, scale)
-        return module.decode(q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=True)
+            return _decode_cpu(patterns, heads, q, k_cache, v_cache, cache_seqlens, block_table, scale)
+        return module.decode(
+            q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, return_lse=True, **kw
+        )
 
     @decode.register_fake
     def _(q, k_cache, v_cache, cache_seqlens, block_table, scale):
         module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
+        check_count(heads, q.shape[2])
         B, Sq, H, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 

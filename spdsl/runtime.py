@@ -18,8 +18,8 @@ import torch
 from . import cache
 from ._version import __version__
 from .codegen import BackwardConfig, BuildSpec, KernelConfig, embedded_core, render_module, template_texts
+from .heads import resolve
 from .op import SparseAttention
-from .pattern import as_pattern
 
 #: Tried on the first CUDA call per (head dim, dtype); the first one is the interpreter's and the default.
 #: 3 stages won every measured Hopper row (by 5-13%); 2 stages is what GPUs with less shared memory
@@ -37,7 +37,7 @@ DEFAULT_BWD_CONFIGS = (
 ATOMIC_BWD_CONFIGS = tuple(dataclasses.replace(c, atomic_dq=True) for c in DEFAULT_BWD_CONFIGS)
 
 _LOCK = threading.Lock()
-_OPS: dict[str, SparseAttention] = {}
+_OPS: dict[tuple, SparseAttention] = {}  # by (module key, heads): ops of one module share it
 
 
 def _versions() -> str:
@@ -83,13 +83,18 @@ def _configs(config: dict) -> tuple[tuple[KernelConfig, ...], tuple[BackwardConf
     return DEFAULT_CONFIGS, bwd
 
 
-def build(pattern, **config) -> SparseAttention:
+def build(pattern, heads=None, **config) -> SparseAttention:
     """Render (or reuse from the on-disk cache) the kernels for ``pattern``; return its op.
 
     Parameters
     ----------
     pattern: a :class:`~spdsl.Pattern` (``spdsl.load`` / ``spdsl.compile``), a ``PatternIR`` or a
-        path to a ``.spd`` file.
+        path to a ``.spd`` file; or a list of them, with ``heads``.
+    heads: per-head patterns: for each query head, the index (into the list) of the pattern it uses,
+        e.g. ``spdsl.build([p_full, p_stream], heads=[0] * 8 + [1] * 24)``. One kernel launch serves
+        every head (each walks its own pattern's layout); the patterns may differ in ``unit`` and
+        ``causal``, and the heads of one GQA group may use different patterns. The generated module
+        depends only on the patterns; ``heads`` is bound in the op (q must have ``len(heads)`` heads).
     config: ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``warp_specialize``
         (one fixed prefill config), or ``configs=[KernelConfig | tuple, ...]`` (timed on the first
         CUDA call per head dim and dtype; default :data:`DEFAULT_CONFIGS`); and
@@ -109,27 +114,32 @@ def build(pattern, **config) -> SparseAttention:
     >>> bool((op(q, k, v).double() - ref).abs().max() < 1e-5)
     True
     """
-    pat = as_pattern(pattern)
+    pats, heads = resolve(pattern, heads)
     configs, bwd_configs = _configs(config)
-    spec = BuildSpec(pat.ir, pat.source, configs, bwd_configs)
+    irs = tuple(p.ir for p in pats)
+    source = "\n\n".join(p.source.strip() for p in pats) if len(pats) > 1 else pats[0].source
+    spec = BuildSpec(irs if len(pats) > 1 else irs[0], source, configs, bwd_configs)
     key = cache.cache_key(
-        pat.ir.text(),
-        pat.source,
+        *(ir.text() for ir in irs),
+        *(p.source for p in pats),
         template_texts(),
-        embedded_core(pat.ir),
+        embedded_core(*irs),
         _versions(),
         repr(configs),
         repr(bwd_configs),
         os.environ.get("TRITON_INTERPRET", ""),
     )
+    name = "_".join(p.name for p in pats)[:64]
     with _LOCK:
-        if key in _OPS:
-            return _OPS[key]
-        path = cache.cache_dir() / f"{pat.name}_{key}.py"
-        cache.get_or_create(path, lambda: render_module(spec))
-        module = import_generated(path, f"spdsl_gen_{pat.name}_{key}")
-        op = SparseAttention(pat, module, path, key)
-        _OPS[key] = op
+        if (key, heads) in _OPS:
+            return _OPS[key, heads]
+        path = cache.cache_dir() / f"{name}_{key}.py"
+        module = next((o.module for (k, _), o in _OPS.items() if k == key), None)  # other heads, same patterns
+        if module is None:
+            cache.get_or_create(path, lambda: render_module(spec))
+            module = import_generated(path, f"spdsl_gen_{name}_{key}")
+        op = SparseAttention(pats if heads is not None else pats[0], module, path, key, heads)
+        _OPS[key, heads] = op
         return op
 
 

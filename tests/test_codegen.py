@@ -439,7 +439,9 @@ def test_contract_behaviour_on_cpu(power_module):
 #: templates, what they share with it (_keep_t, the kv-major plans, BWD_CONFIGS), plus TMA and
 #: autograd-facing host code: 1069 lines without the backward templates. (The two-loop prefill
 #: variant, restored for a while, is gone again: it was 8-12% slower on every H200 row.)
-FORWARD_MAX_LINES = 1070
+#: Per-head patterns (issue 11) left a single pattern's kernels as they were but put ~27 host lines in
+#: every module: plans that concatenate the patterns' CSRs, and a `heads=` argument on each entry point.
+FORWARD_MAX_LINES = 1100
 OLD_FORWARD_ONLY_LINES = 1514
 
 

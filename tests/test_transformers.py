@@ -62,18 +62,23 @@ def additive_mask(pattern, q_len: int, kv_len: int) -> torch.Tensor:
     return torch.where(keep, 0.0, torch.finfo(torch.float32).min)[None, None]
 
 
-def pattern_of(per_layer: dict, default, layer: int):
+def layer_mask(per_layer: dict, default, layer: int, heads, q_len: int, kv_len: int) -> torch.Tensor:
+    """The layer's dense mask: [q_len, kv_len], or [Hq, q_len, kv_len] for per-head patterns (a list)."""
     p = per_layer.get(layer, default)
-    return CAUSAL if p is None else p
+    if isinstance(p, list):
+        masks = [(CAUSAL if x is None else x).dense_mask(q_len, kv_len) for x in p]
+        return torch.stack([masks[h] for h in heads])
+    return (CAUSAL if p is None else p).dense_mask(q_len, kv_len)
 
 
-def oracle(default, per_layer=None):
-    """Registers eager masked attention (the layer's pattern as a dense mask, fp64 softmax) as 'oracle'."""
+def oracle(default, per_layer=None, heads=None):
+    """Registers eager masked attention (the layer's pattern as a dense mask, fp64 softmax) as 'oracle';
+    ``default`` may be a list of patterns with ``heads`` (each query head's index in it)."""
     per_layer = per_layer or {}
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         q_len, kv_len = query.shape[2], key.shape[2]
-        keep = pattern_of(per_layer, default, module.layer_idx).dense_mask(q_len, kv_len).to(query.device)
+        keep = layer_mask(per_layer, default, module.layer_idx, heads, q_len, kv_len).to(query.device)
         rep = query.shape[1] // key.shape[1]
         k, v = (t.repeat_interleave(rep, dim=1).double() for t in (key, value))
         s = (query.double() @ k.transpose(-1, -2)) * scaling
@@ -153,6 +158,35 @@ def test_per_layer_patterns():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_per_head_patterns(arch):
+    """heads=: each query head under its own pattern (llama: each GQA group mixes both; qwen2: one
+    kv head for all four), with the first layer dense; prefill and 8 greedy decode steps."""
+    model, ids = tiny(arch, layers=2), prompt(43, seed=12)
+    heads, layers = [0, 1, 1, 0], {0: None}
+    name = register([POWER, STREAM], heads=heads, layers=layers, name="spdsl_heads")
+    ref = oracle([POWER, STREAM], layers, heads)
+    want = logits(model, ref, ids)
+    torch.testing.assert_close(logits(model, name, ids), want, atol=2e-5, rtol=1e-4)
+    assert generate(model, name, ids, 8).tolist() == generate(model, ref, ids, 8).tolist()
+    # the heads differ for real: all-power or all-stream gives other logits ("oracle" is re-registered)
+    for single in (POWER, STREAM):
+        assert not torch.allclose(logits(model, oracle(single, layers), ids), want)
+
+
+def test_per_head_register_refusals():
+    with pytest.raises(TypeError, match="needs heads="):
+        register([POWER, STREAM])
+    with pytest.raises(TypeError, match="must be a list of patterns"):
+        register(POWER, heads=[0, 1])
+    with pytest.raises(ValueError, match="indices run from 0 to 1"):
+        register([POWER, STREAM], heads=[0, 2])
+    model = tiny("llama")
+    name = register([POWER, STREAM], heads=[0, 1, 1], name="spdsl_heads_bad")
+    with pytest.raises(ValueError, match="heads of length 3, but q has 4 heads"):
+        logits(model, name, prompt(20))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_left_padded_batch_equals_each_sequence_alone(arch):
     model = tiny(arch)
     name = register(POWER, name="spdsl_power")
@@ -178,9 +212,14 @@ def test_static_cache_generates_like_the_dynamic_cache():
 
 
 @pytest.mark.slow
-def test_static_cache_under_torch_compile():
+@pytest.mark.parametrize("per_head", [False, True], ids=["one-pattern", "per-head"])
+def test_static_cache_under_torch_compile(per_head):
     model, ids = tiny("llama"), prompt(31, seed=7)
-    name = register(POWER, name="spdsl_power")
+    name = (
+        register([POWER, STREAM], heads=[0, 1, 1, 0], name="spdsl_ph")
+        if per_head
+        else register(POWER, name="spdsl_power")
+    )
     want = generate(model, name, ids, 8)
     model.forward = torch.compile(model.forward, fullgraph=False)
     assert generate(model, name, ids, 8, cache_implementation="static").tolist() == want.tolist()
@@ -245,6 +284,21 @@ def test_generated_kernels_in_a_model_under_the_interpreter(tmp_path):
         name = register(pattern, name="spdsl_interp")
         op = spdsl.build(pattern)
         assert op.module.interpreting()
+        torch.testing.assert_close(logits(model, name, ids), want_logits, atol=2e-5, rtol=1e-4)
+        assert generate(model, name, ids, 4).tolist() == want.tolist()
+
+
+def test_per_head_kernels_in_a_model_under_the_interpreter(tmp_path):
+    """The per-head prefill and decode kernels inside the model (a GQA group mixing two patterns)."""
+    from tests.helpers import scoped_env
+
+    model, ids, heads = tiny("llama"), prompt(29, seed=13), [1, 0, 0, 1]
+    want_logits = logits(model, oracle([POWER, STREAM], heads=heads), ids)
+    want = generate(model, "oracle", ids, 4)
+    with scoped_env(TRITON_INTERPRET="1", SPDSL_CACHE_DIR=str(tmp_path)):
+        patterns = [spdsl.compile(p.source) for p in (POWER, STREAM)]  # fresh modules, imported with the interpreter on
+        name = register(patterns, heads=heads, name="spdsl_heads_interp")
+        assert spdsl.build(patterns, heads=heads).module.interpreting()
         torch.testing.assert_close(logits(model, name, ids), want_logits, atol=2e-5, rtol=1e-4)
         assert generate(model, name, ids, 4).tolist() == want.tolist()
 

@@ -107,12 +107,21 @@ class BackwardConfig:
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """Everything that determines the generated module's text."""
+    """Everything that determines the generated module's text.
 
-    pattern: PatternIR
+    ``pattern``: one pattern, or a tuple of them for a per-head module (each query head picks one
+    at call time, ``heads=[...]``); ``source``: the ``.spd`` text (all of it, for several).
+    """
+
+    pattern: PatternIR | tuple[PatternIR, ...]
     source: str = ""
     configs: tuple[KernelConfig, ...] = field(default_factory=lambda: (KernelConfig(),))
     bwd_configs: tuple[BackwardConfig, ...] = field(default_factory=lambda: (BackwardConfig(),))
+
+    @property
+    def patterns(self) -> tuple[PatternIR, ...]:
+        """The patterns, as a tuple (one for a single-pattern module)."""
+        return self.pattern if isinstance(self.pattern, tuple) else (self.pattern,)
 
 
 def _env() -> jinja2.Environment:
@@ -139,9 +148,10 @@ def _expr_classes(expr: Expr) -> set[str]:
     return out
 
 
-def embedded_core(pat: PatternIR) -> str:
-    """The tree-shaken core a pattern's module embeds (part of the cache key)."""
-    return embed(HOST_ROOTS | _expr_classes(pat.expr), have=MODULE_IMPORTS)
+def embedded_core(*patterns: PatternIR) -> str:
+    """The tree-shaken core a module for these patterns embeds (part of the cache key)."""
+    classes = set().union(*(_expr_classes(p.expr) for p in patterns))
+    return embed(HOST_ROOTS | classes, have=MODULE_IMPORTS)
 
 
 def _definition(source: str) -> str:
@@ -152,33 +162,58 @@ def _definition(source: str) -> str:
     return "\n".join(lines)
 
 
+def _pattern_items(patterns: tuple[PatternIR, ...]) -> list[dict]:
+    """What the templates need of each pattern; names get a suffix ``_i`` when there are several."""
+    items = []
+    for i, pat in enumerate(patterns):
+        suffix = f"_{i}" if len(patterns) > 1 else ""
+        keep = predicate(pat)
+        items.append(
+            dict(
+                index=i,
+                suffix=suffix,
+                unit_name=f"UNIT{suffix}",
+                unit=pat.unit,
+                causal=pat.causal,
+                predicate=keep,
+                predicate_t=predicate(pat, q_units="qu[None, :]", k_units="ku[:, None]"),
+                tile_test=tile_test(pat),
+                expr_repr=repr(pat.expr),
+                name=_ident(pat.name),
+            )
+        )
+    return items
+
+
 def render_module(spec: BuildSpec) -> str:
-    """The standalone Python module (torch + triton imports only) for one pattern."""
-    pat = spec.pattern
-    source = _definition(spec.source) or pat.text()
+    """The standalone Python module (torch + triton imports only) for one pattern, or for several
+    (per-head: each query head walks its own pattern's layout, one launch for all heads)."""
+    pats = spec.patterns
+    if not pats:
+        raise ValueError("a module needs at least one pattern")
+    name = "_".join(_ident(p.name) for p in pats)[:MAX_NAME_LENGTH]
+    source = _definition(spec.source) or "\n\n".join(p.text() for p in pats)
     safe_source = textwrap.indent(source.replace("\\", "\\\\").replace('"""', '\\"\\"\\"'), "    ")
-    keep, test = predicate(pat), tile_test(pat)
-    keep_t = predicate(pat, q_units="qu[None, :]", k_units="ku[:, None]")
+    items = _pattern_items(pats)
+    multi = len(pats) > 1
     text = (
         _env()
         .get_template("triton/module.py.jinja")
         .render(
-            name=_ident(pat.name),
+            name=name,
             version=__version__,
-            ir_text=textwrap.indent(pat.text().strip(), "    "),
+            ir_text=textwrap.indent("\n\n".join(p.text().strip() for p in pats), "    "),
             spd_source=safe_source,
-            expr_repr=repr(pat.expr),
-            ir_hash=pat.hash(),
-            unit=pat.unit,
-            causal=pat.causal,
-            predicate=keep,
-            predicate_t=keep_t,
-            tile_test=test,
-            floor_pow=bool(keep.pow_bases | test.pow_bases),
-            core_source=embedded_core(pat),
+            ir_hash=" + ".join(p.hash() for p in pats),
+            patterns=items,
+            multi=multi,
+            pat_arg=", pat" if multi else "",
+            crow="crow" if multi else "row",
+            floor_pow=any(it[k].pow_bases for it in items for k in ("predicate", "predicate_t", "tile_test")),
+            core_source=embedded_core(*pats),
             configs=[dataclasses.asdict(c) for c in spec.configs],
             bwd_configs=[dataclasses.asdict(c) for c in spec.bwd_configs],
         )
     )
-    compile(text, f"<spdsl generated {pat.name}>", "exec")  # fail here, not at import time
+    compile(text, f"<spdsl generated {name}>", "exec")  # fail here, not at import time
     return text

@@ -1,8 +1,9 @@
-"""Hugging Face transformers attention backend: a pattern (or one per layer) as ``attn_implementation``.
+"""Hugging Face transformers attention backend: a pattern (or one per layer, or per head) as ``attn_implementation``.
 
 >>> from spdsl.integrations.transformers import register
 >>> name = register("patterns/power.spd", layers={0: None, 1: None})   # doctest: +SKIP
 >>> model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=name)   # doctest: +SKIP
+>>> name = register([full, stream], heads=[0] * 8 + [1] * 24)   # per-head patterns   # doctest: +SKIP
 
 How transformers calls attention, and what this backend does with each call:
 
@@ -29,11 +30,12 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from ..heads import resolve
 from ..op import SparseAttention
 from ..pattern import Pattern, as_pattern
 from ..resources import data_path
@@ -106,11 +108,21 @@ def _padding_starts(mask: torch.Tensor, q_offset, q_len: int) -> list[int] | Non
 
 
 class _Backend:
-    """The attention function registered under one name: a pattern per layer, ops built once each."""
+    """The attention function registered under one name: a pattern per layer, ops built once each.
 
-    def __init__(self, name: str, default: Pattern | None, layers: Mapping[int, Pattern | None]):
+    ``heads``: the default pattern is a tuple of patterns, and ``heads`` each query head's index in it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        default: Pattern | tuple[Pattern, ...] | None,
+        layers: Mapping[int, Pattern | None],
+        heads: tuple[int, ...] | None = None,
+    ):
         self.name = name
         self._patterns = {"default": default, **layers}
+        self._heads = heads
         self._ops: dict[int, SparseAttention] = {}
 
     def op_for(self, layer: int | None) -> SparseAttention:
@@ -122,7 +134,8 @@ class _Backend:
         if op is None:
             from ..runtime import build
 
-            op = self._ops[key] = build(pattern)
+            per_head = isinstance(pattern, tuple)
+            op = self._ops[key] = build(list(pattern), heads=self._heads) if per_head else build(pattern)
         return op
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -214,18 +227,29 @@ def _check_version(version: str) -> None:
         )
 
 
-def register(pattern, *, name: str = "spdsl", layers: Mapping[int, object] | None = None) -> str:
+def register(
+    pattern,
+    *,
+    name: str = "spdsl",
+    layers: Mapping[int, object] | None = None,
+    heads: Sequence[int] | None = None,
+) -> str:
     """Register ``pattern`` as a transformers attention implementation; returns the name to use.
 
     Parameters
     ----------
     pattern:
-        A :class:`~spdsl.Pattern`, a path to a ``.spd`` file, or None (dense causal).
+        A :class:`~spdsl.Pattern`, a path to a ``.spd`` file, or None (dense causal); or, with
+        ``heads``, a list of them (each may also be None: dense causal).
     name:
         The ``attn_implementation`` name (an identifier; registering it again replaces it).
     layers:
         Layer index -> pattern (same forms) for layers that differ; None means dense causal, e.g.
         ``{0: None, 1: None}`` keeps the first two layers dense.
+    heads:
+        Per-head patterns (``spdsl.build(patterns, heads=...)``): for each of the model's query heads,
+        the index in ``pattern`` (a list) of the pattern it uses, in every layer that ``layers`` does
+        not name. One kernel launch serves all heads; heads of one GQA group may differ.
 
     Returns
     -------
@@ -253,7 +277,19 @@ def register(pattern, *, name: str = "spdsl", layers: Mapping[int, object] | Non
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
             raise ValueError(f"layers keys are layer indices (ints >= 0), got {i!r}")
         per_layer[i] = _pattern(spec, f"layers[{i}]")
-    backend = _Backend(name, _pattern(pattern, "pattern"), per_layer)
+    if heads is None:
+        if isinstance(pattern, list | tuple):
+            raise TypeError("a list of patterns needs heads=[pattern index of each query head]")
+        default = _pattern(pattern, "pattern")
+    else:
+        if not isinstance(pattern, list | tuple):
+            raise TypeError(
+                f"with heads=, pattern must be a list of patterns (one per index), got {type(pattern).__name__}"
+            )
+        default = tuple(_pattern(p, f"pattern[{i}]") or _dense_causal() for i, p in enumerate(pattern))
+        heads = resolve(list(default), heads)[1]  # checked now, not at the first forward
+        default = default if heads is not None else default[0]
+    backend = _Backend(name, default, per_layer, heads)
     AttentionInterface.register(name, backend)
     AttentionMaskInterface.register(name, _mask_hook)
     return name
