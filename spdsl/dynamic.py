@@ -1,0 +1,197 @@
+"""Certified content-aware decode (issue 12): which key blocks to compute, and the error bound.
+
+For a pattern with ``score`` / ``select`` lines (docs/language.md, v1.1), per sequence ``b`` and
+KV head, the key blocks of :class:`~spdsl.summaries.KeySummaries` split into
+
+* *attend blocks* (holding a key of ``attend`` for some query row): always computed;
+* *select blocks* (candidate keys of ``select`` only): computed where the box bound ``U`` on
+  ``scale·q·k`` (:func:`~spdsl.summaries.box_bound`) says they can matter, for any query head of
+  the GQA group and any query row:
+
+  - ``score relu(alpha)``: a block is skipped iff ``U <= bias`` for every row -- its weights are
+    exactly 0, so the result is exact over ``attend ∪ select``;
+  - softmax: the attend blocks are computed first; their exact mass ``K_A`` (from the LSE) is a
+    lower bound on the kept mass. Per row, a select block holding ``c`` candidate keys has mass at
+    most ``c·exp(U)``; the blocks with the highest bounds are kept until the bound ``D`` on the
+    dropped mass satisfies ``D <= eps/(1-eps)·K_A``. After the kept blocks are computed (exact kept
+    mass ``K >= K_A``), ``ε̂ = D / (K + D) <= eps`` is the certificate: the total-variation
+    distance to exact softmax over the candidates is at most ``ε̂``, so per coordinate
+    ``|o - o_exact| <= ε̂ · (value range over the candidates)``.
+
+The block lists are computed in torch on the tensors' device (host synchronization: not
+CUDA-graph capturable yet). The blocks themselves run on a *backend*: the Triton kernels of
+:mod:`spdsl.dynamic_kernels` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or :func:`run_blocks_torch`
+(CPU). Both return per-row ``(o, lse)`` over the chosen blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from .core.ir import PatternIR, TorchOps
+from .summaries import KeySummaries, box_bound, gather_rows
+
+__all__ = ["TORCH", "Backend", "block_lists", "check_options", "decode", "run_blocks_torch", "weights_log"]
+
+
+class Backend(NamedTuple):
+    """Where the blocks run: ``bound(rows, lo, hi)`` as :func:`~spdsl.summaries.box_bound`, and
+    ``run_blocks(...)`` as :func:`run_blocks_torch`."""
+
+    bound: object
+    run_blocks: object
+
+
+def check_options(eps, bias) -> None:
+    """TypeError / ValueError for a bad ``eps`` (0 < eps < 1) or ``bias`` (a finite float)."""
+    for name, value in (("eps", eps), ("bias", bias)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a finite float, got {value!r}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must lie strictly between 0 and 1, got {eps}")
+
+
+def _token_masks(ir: PatternIR, seqlens: torch.Tensor, Sq: int, length: int):
+    """bool ``[B, Sq, length]`` for attend and for the candidates (attend ∪ select), cut by causal
+    and by each cache's length; query ``j`` of sequence ``b`` sits at ``seqlens[b] - Sq + j``."""
+    n = seqlens.to(torch.int64)[:, None, None]
+    pos = n - Sq + torch.arange(Sq, device=seqlens.device)[None, :, None]
+    keys = torch.arange(length, device=seqlens.device)[None, None, :]
+    live = keys < n
+    if ir.causal:
+        live = live & (keys <= pos)
+    Q, K = pos // ir.unit, keys // ir.unit
+    attend = live & torch.as_tensor(ir.expr.keep(TorchOps, Q, K), device=seqlens.device)
+    if ir.select is None:
+        return attend, attend
+    return attend, attend | (live & torch.as_tensor(ir.select.keep(TorchOps, Q, K), device=seqlens.device))
+
+
+def _merge(a, b):
+    """Combine two ``(o, lse)`` over disjoint key sets by their log-sum-exp (empty sides: -inf)."""
+    (oa, la), (ob, lb) = a, b
+    lse = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    wa, wb = torch.exp(la - safe), torch.exp(lb - safe)
+    return oa * wa[..., None] + ob * wb[..., None], lse
+
+
+def decode(
+    ir: PatternIR,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    summaries: KeySummaries,
+    *,
+    scale: float,
+    eps: float = 1e-3,
+    bias: float = 0.0,
+    block_table=None,
+    backend: Backend | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Certified decode over ``attend ∪ select`` (inputs already checked by the op).
+
+    Parameters
+    ----------
+    ir: the pattern (``score`` / ``select`` lines).
+    q: ``[B, Sq, Hq, D]``; caches as ``op.decode``; ``summaries`` of ``k_cache`` at ``cache_seqlens``.
+    scale, eps, bias: the softmax scale, the error target, the ReLU bias.
+    backend: where bounds and blocks are computed (default :data:`TORCH`).
+
+    Returns
+    -------
+    ``(out [B, Sq, Hq, Dv] in q's dtype, err [B, Sq, Hq] float32, read [B, Hkv] float32)``: the
+    certified total-variation bound ``ε̂`` per row (0 for ReLU^alpha) and the fraction of
+    candidate blocks read per (sequence, KV head).
+    """
+    check_options(eps, bias)
+    if not isinstance(summaries, KeySummaries):
+        raise TypeError(
+            f"summaries must come from op.summaries(k_cache, cache_seqlens), got {type(summaries).__name__}"
+        )
+    summaries.check(k_cache, cache_seqlens, block_table)
+    backend = backend or TORCH
+    B, Sq, Hq, D = q.shape
+    Hkv, bs, NB = k_cache.shape[2], summaries.block_size, summaries.num_blocks
+    G = Hq // Hkv
+    rows = q.reshape(B, Sq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Sq, D)  # row g * Sq + j
+    attend_tok, cand_tok = _token_masks(ir, cache_seqlens, Sq, NB * bs)
+    count = cand_tok.view(B, Sq, NB, bs).sum(-1)  # candidate keys per (row, block)
+    attend_blk = attend_tok.view(B, Sq, NB, bs).any(-1).any(1)[:, None].expand(B, Hkv, NB)
+    select_row = (count > 0)[:, None, None] & ~attend_blk[:, :, None, None]  # [B, Hkv, 1, Sq, NB]
+    bound = backend.bound(rows, summaries.lo, summaries.hi).view(B, Hkv, G, Sq, NB) * scale
+
+    def run(chosen):
+        return backend.run_blocks(rows, k_cache, v_cache, block_table, chosen, cand_tok, cache_seqlens, Sq, scale, bias,
+                          ir.score, bs)  # fmt: skip
+
+    if ir.score is not None:
+        need = (select_row & (bound > bias)).flatten(2, 3).any(2)
+        chosen = attend_blk | need
+        o, _ = run(chosen)
+        err = torch.zeros((B, Hkv, G, Sq), dtype=torch.float32, device=q.device)
+    else:
+        oa, lse_a = run(attend_blk)
+        logc = torch.where(select_row, count.double().log()[:, None, None] + bound.double(), -math.inf)
+        threshold = lse_a.view(B, Hkv, G, Sq, 1).double() + math.log(eps / (1 - eps))
+        ordered, order = logc.sort(-1, descending=True)
+        tail = ordered.flip(-1).logcumsumexp(-1).flip(-1)  # mass bound of the blocks from rank r on
+        keep = torch.zeros_like(select_row.expand_as(logc)).scatter(-1, order, tail > threshold)
+        need = keep.flatten(2, 3).any(2)
+        chosen = attend_blk | need
+        o, lse = _merge((oa, lse_a), run(need))
+        dropped = torch.where(need[:, :, None, None], -math.inf, logc).logsumexp(-1)  # [B, Hkv, G, Sq]
+        total = torch.logaddexp(lse.view(B, Hkv, G, Sq).double(), dropped)
+        err = torch.where(torch.isinf(dropped), 0.0, torch.exp(dropped - total)).float()
+    candidates = (count > 0).any(1)[:, None].expand(B, Hkv, NB)
+    read = chosen.sum(-1).float() / candidates.sum(-1).clamp(min=1).float()
+    out = o.view(B, Hkv, G, Sq, -1).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, -1).to(q.dtype)
+    return out, err.permute(0, 3, 1, 2).reshape(B, Sq, Hq), read
+
+
+def block_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chosen`` bool ``[B, Hkv, NB]`` -> (int32 ``[B, Hkv, L]`` block indices, ascending, padded
+    with 0; int32 ``[B, Hkv]`` counts), ``L = max(1, max count)``."""
+    counts = chosen.sum(-1)
+    width = max(1, int(counts.max()) if counts.numel() else 1)
+    order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :width]
+    lists = torch.where(torch.arange(width, device=chosen.device) < counts[..., None], order, 0)
+    return lists.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
+
+
+def weights_log(s: torch.Tensor, scale: float, bias: float, score) -> torch.Tensor:
+    """Log-weights of raw scores ``q·k``: ``scale·s`` (softmax) or ``alpha·log(relu(scale·s − bias))``."""
+    if score is None:
+        return s * scale
+    x = s * scale - bias
+    return torch.where(x > 0, score[1] * torch.log(x.clamp(min=torch.finfo(x.dtype).tiny)), -math.inf)
+
+
+def run_blocks_torch(rows, k_cache, v_cache, block_table, chosen, cand_tok, seqlens, Sq, scale, bias, score, bs):
+    """The CPU backend: attention of ``rows [B, Hkv, R, D]`` (row ``g * Sq + j``) over the chosen
+    blocks' candidate keys, in float32. Returns ``(o [B, Hkv, R, Dv], lse [B, Hkv, R])``, natural log."""
+    B, Hkv, R, _ = rows.shape
+    lists, counts = block_lists(chosen)
+    L = lists.shape[-1]
+    tok = (lists.long()[..., None] * bs + torch.arange(bs, device=rows.device)).view(B, Hkv, L * bs)
+    in_list = (torch.arange(L, device=rows.device) < counts[..., None]).repeat_interleave(bs, -1)
+    b_idx = torch.arange(B, device=rows.device)[:, None, None]
+    h_idx = torch.arange(Hkv, device=rows.device)[None, :, None]
+    at = tok.clamp(max=(block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]) - 1)
+    k = gather_rows(k_cache, b_idx, at, block_table, h_idx).float()  # [B, Hkv, T, D]
+    v = gather_rows(v_cache, b_idx, at, block_table, h_idx).float()
+    visible = torch.gather(cand_tok[:, None].expand(B, Hkv, Sq, -1), 3, tok[:, :, None].expand(B, Hkv, Sq, L * bs))
+    visible = (visible & in_list[:, :, None]).repeat(1, 1, R // Sq, 1)  # [B, Hkv, R, T]
+    s = weights_log(rows.float() @ k.transpose(-1, -2), scale, bias, score).masked_fill(~visible, -math.inf)
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return p @ v, lse
+
+
+#: The CPU backend: torch bounds and blocks.
+TORCH = Backend(box_bound, run_blocks_torch)
