@@ -105,9 +105,8 @@ def decode(
 
     Returns
     -------
-    ``(out [B, Sq, Hq, Dv] in q's dtype, err [B, Sq, Hq] float32, read [B, Hkv] float32)``: the
-    certified total-variation bound ``ε̂`` per row (0 for ReLU^alpha) and the fraction of
-    candidate blocks read per (sequence, KV head).
+    ``(out [B, Sq, Hq, Dv] in q's dtype, err [B, Sq, Hq] float32, chosen [B, Hkv, NB] bool)``:
+    the certified total-variation bound ``ε̂`` per row (0 for ReLU^alpha) and the blocks read.
     """
     check_options(eps, bias)
     if not isinstance(summaries, KeySummaries):
@@ -148,10 +147,8 @@ def decode(
         dropped = torch.where(need[:, :, None, None], -math.inf, logc).logsumexp(-1)  # [B, Hkv, G, Sq]
         total = torch.logaddexp(lse.view(B, Hkv, G, Sq).double(), dropped)
         err = torch.where(torch.isinf(dropped), 0.0, torch.exp(dropped - total)).float()
-    candidates = (count > 0).any(1)[:, None].expand(B, Hkv, NB)
-    read = chosen.sum(-1).float() / candidates.sum(-1).clamp(min=1).float()
     out = o.view(B, Hkv, G, Sq, -1).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, -1).to(q.dtype)
-    return out, err.permute(0, 3, 1, 2).reshape(B, Sq, Hq), read
+    return out, err.permute(0, 3, 1, 2).reshape(B, Sq, Hq), chosen
 
 
 def block_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
