@@ -2,8 +2,9 @@
 of chosen blocks per (sequence, KV head), split-K with a log-sum-exp merge.
 
 Hand-written (they depend on no pattern: the pattern enters through the host's candidate mask and
-block lists, :mod:`spdsl.dynamic`). Triton fixes interpreted-or-compiled when a kernel is defined,
-so this module is imported lazily: on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+block lists, :mod:`spdsl.dynamic`). Triton fixes interpreted-or-compiled when a kernel is
+decorated, so the kernels are decorated on first use, once per ``TRITON_INTERPRET`` mode
+(:func:`_kernels`): importing this module in one mode does not fix the other.
 
 Rows of one KV head are its query heads x queries, row ``r = g * Sq + j`` (as :mod:`spdsl.dynamic`).
 """
@@ -11,6 +12,7 @@ Rows of one KV head are its query heads x queries, row ``r = g * Sq + j`` (as :m
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -29,7 +31,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@triton.jit
 def _bound_kernel(
     Q, LO, HI, U, R, NB,
     stride_qb, stride_qh, stride_qr, stride_sb, stride_sh, stride_st, stride_ub, stride_uh, stride_ur,
@@ -57,6 +58,16 @@ def _bound_kernel(
     tl.store(u_ptrs, u, mask=r_ok[:, None] & t_ok[None, :])
 
 
+@functools.cache
+def _decorated(interpret: bool):
+    """``(bound kernel, blocks kernel)`` jit-decorated in the current mode (the argument keys the cache)."""
+    return triton.jit(_bound_kernel), triton.jit(_blocks_kernel)
+
+
+def _kernels():
+    return _decorated(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def bound_triton(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """:func:`spdsl.summaries.box_bound` as a Triton kernel: ``rows [B, Hkv, R, D]``, summaries
     ``[B, Hkv, NB, D]`` -> float32 ``[B, Hkv, R, NB]``."""
@@ -65,14 +76,13 @@ def bound_triton(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torc
     rows = rows.contiguous()
     u = torch.empty((B, Hkv, R, NB), dtype=torch.float32, device=rows.device)
     block_t = 64 if NB >= 64 else max(16, _pow2(NB))
-    _bound_kernel[(triton.cdiv(NB, block_t), Hkv, B)](
+    _kernels()[0][(triton.cdiv(NB, block_t), Hkv, B)](
         rows, lo, hi, u, R, NB, *rows.stride()[:3], *lo.stride()[:3], *u.stride()[:3], rounding_margin(D),
         HEAD_DIM=D, BLOCK_R=max(16, _pow2(R)), BLOCK_T=block_t, num_warps=4,
     )  # fmt: skip
     return u
 
 
-@triton.jit
 def _blocks_kernel(
     Q, K, V, MASK, LIST, COUNT, SEQLENS, BLOCK_TABLE, OPART, LPART,
     stride_qb, stride_qh, stride_qr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -159,7 +169,7 @@ def run_blocks_triton(rows, k_cache, v_cache, block_table, chosen, cand_tok, seq
     lpart = torch.empty((B, Hkv, nsplit, block_m), dtype=torch.float32, device=rows.device)
     paged = block_table is not None
     bt = block_table if paged else seqlens
-    _blocks_kernel[(nsplit, Hkv, B)](
+    _kernels()[1][(nsplit, Hkv, B)](
         rows, k_cache, v_cache, mask, lists, counts, seqlens, bt, opart, lpart,
         *rows.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *mask.stride()[:2], bt.stride(0),
         R, Sq, lists.shape[-1], scale, float(bias),
