@@ -35,7 +35,16 @@ import torch
 from .core.ir import PatternIR, TorchOps
 from .summaries import KeySummaries, box_bound, gather_rows
 
-__all__ = ["TORCH", "Backend", "block_lists", "check_options", "decode", "run_blocks_torch", "weights_log"]
+__all__ = [
+    "TORCH",
+    "Backend",
+    "block_lists",
+    "candidate_blocks",
+    "check_options",
+    "decode",
+    "run_blocks_torch",
+    "weights_log",
+]
 
 
 class Backend(NamedTuple):
@@ -93,6 +102,7 @@ def decode(
     bias: float = 0.0,
     block_table=None,
     backend: Backend | None = None,
+    topk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified decode over ``attend ∪ select`` (inputs already checked by the op).
 
@@ -102,6 +112,9 @@ def decode(
     q: ``[B, Sq, Hq, D]``; caches as ``op.decode``; ``summaries`` of ``k_cache`` at ``cache_seqlens``.
     scale, eps, bias: the softmax scale, the error target, the ReLU bias.
     backend: where bounds and blocks are computed (default :data:`TORCH`).
+    topk: a heuristic baseline instead of the certificate (benchmarks): per (sequence, KV head) the
+        attend blocks and the ``topk`` select blocks of highest bound (Quest-style); ``err`` is NaN.
+        ``topk >= NB`` reads every candidate block (exact).
 
     Returns
     -------
@@ -129,7 +142,13 @@ def decode(
         return backend.run_blocks(rows, k_cache, v_cache, block_table, chosen, cand_tok, cache_seqlens, Sq, scale, bias,
                           ir.score, bs)  # fmt: skip
 
-    if ir.score is not None:
+    if topk is not None:
+        best = torch.where(select_row, bound, -math.inf).flatten(2, 3).amax(2)  # [B, Hkv, NB]
+        picked = best.topk(min(int(topk), NB), dim=-1).indices
+        chosen = attend_blk | (torch.zeros_like(attend_blk).scatter(-1, picked, True) & (best > -math.inf))
+        o, _ = run(chosen)
+        err = torch.full((B, Hkv, G, Sq), math.nan, dtype=torch.float32, device=q.device)
+    elif ir.score is not None:
         need = (select_row & (bound > bias)).flatten(2, 3).any(2)
         chosen = attend_blk | need
         o, _ = run(chosen)
@@ -149,6 +168,14 @@ def decode(
         err = torch.where(torch.isinf(dropped), 0.0, torch.exp(dropped - total)).float()
     out = o.view(B, Hkv, G, Sq, -1).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, -1).to(q.dtype)
     return out, err.permute(0, 3, 1, 2).reshape(B, Sq, Hq), chosen
+
+
+def candidate_blocks(ir: PatternIR, cache_seqlens: torch.Tensor, Sq: int, summaries: KeySummaries) -> torch.Tensor:
+    """bool ``[B, NB]``: blocks holding a candidate key of some query row (the denominator of the
+    fraction of blocks read)."""
+    NB, bs = summaries.num_blocks, summaries.block_size
+    _, cand = _token_masks(ir, cache_seqlens, Sq, NB * bs)
+    return cand.view(cand.shape[0], Sq, NB, bs).any(-1).any(1)
 
 
 def block_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

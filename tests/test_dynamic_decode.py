@@ -142,3 +142,16 @@ def test_errors(build):
     with pytest.raises(TypeError, match="only to patterns with score/select"):
         static.decode(q, k, v, lengths, summaries=s)
     assert static.decode(q, k, v, lengths, eps=1e-3, return_error=False).shape == q.shape  # defaults pass
+
+
+@pytest.mark.parametrize("alpha", [None, 1])
+def test_topk_baseline(build, alpha):
+    op = build(pattern_text("massive", alpha))
+    q, k, v, lengths, _ = make_cache("peaked", 4, Sq=2)
+    s = op.summaries(k, lengths, block_size=16)
+    everything = dynamic.candidate_blocks(op.pattern.ir, lengths, 2, s)
+    out, err, chosen = dynamic.decode(op.pattern.ir, q, k, v, lengths, s, scale=0.25, topk=s.num_blocks)
+    assert bool(err.isnan().all()) and torch.equal(chosen, everything[:, None].expand_as(chosen))
+    torch.testing.assert_close(out.double(), dref.decode(op.pattern, q, k, v, lengths), atol=2e-5, rtol=2e-5)
+    _, _, two = dynamic.decode(op.pattern.ir, q, k, v, lengths, s, scale=0.25, topk=2)
+    assert int(two.sum(-1).max()) <= 2 + 2  # the sink block and the local block, plus two
