@@ -10,13 +10,13 @@ KV head, the key blocks of :class:`~spdsl.summaries.KeySummaries` split into
 
   - ``score relu(alpha)``: a block is skipped iff ``U <= bias`` for every row -- its weights are
     exactly 0, so the result is exact over ``attend ∪ select``;
-  - softmax: the attend blocks are computed first; their exact mass ``K_A`` (from the LSE) is a
-    lower bound on the kept mass. Per row, a select block holding ``c`` candidate keys has mass at
-    most ``c·exp(U)``; the blocks with the highest bounds are kept until the bound ``D`` on the
-    dropped mass satisfies ``D <= eps/(1-eps)·K_A``. After the kept blocks are computed (exact kept
-    mass ``K >= K_A``), ``ε̂ = D / (K + D) <= eps`` is the certificate: the total-variation
-    distance to exact softmax over the candidates is at most ``ε̂``, so per coordinate
-    ``|o - o_exact| <= ε̂ · (value range over the candidates)``.
+  - softmax: the attend blocks are computed first, giving each row's exact kept mass ``K``. Per
+    row, a select block holding ``c`` candidate keys has mass at most ``c·exp(U)``; while the bound
+    ``D`` on the unread mass exceeds ``eps/(1-eps)·K`` for some row, the unread blocks that rows
+    need are computed, highest bound first (``FIRST_ROUND`` per sequence and KV head, doubling
+    each round), and ``K`` grows. At the end ``ε̂ = D / (K + D) <= eps`` for every row is the certificate: the
+    total-variation distance to exact softmax over the candidates is at most ``ε̂``, so per
+    coordinate ``|o - o_exact| <= ε̂ · (value range over the candidates)``.
 
 The block lists are computed in torch on the tensors' device (host synchronization: not
 CUDA-graph capturable yet). The blocks themselves run on a *backend*: the Triton kernels of
@@ -34,6 +34,9 @@ import torch
 
 from .core.ir import PatternIR, TorchOps
 from .summaries import KeySummaries, box_bound, gather_rows
+
+#: Select blocks per (sequence, KV head) computed in the softmax path's first round (then doubling).
+FIRST_ROUND = 4
 
 __all__ = [
     "TORCH",
@@ -154,20 +157,39 @@ def decode(
         o, _ = run(chosen)
         err = torch.zeros((B, Hkv, G, Sq), dtype=torch.float32, device=q.device)
     else:
-        oa, lse_a = run(attend_blk)
         logc = torch.where(select_row, count.double().log()[:, None, None] + bound.double(), -math.inf)
-        threshold = lse_a.view(B, Hkv, G, Sq, 1).double() + math.log(eps / (1 - eps))
-        ordered, order = logc.sort(-1, descending=True)
-        tail = ordered.flip(-1).logcumsumexp(-1).flip(-1)  # mass bound of the blocks from rank r on
-        keep = torch.zeros_like(select_row.expand_as(logc)).scatter(-1, order, tail > threshold)
-        need = keep.flatten(2, 3).any(2)
-        chosen = attend_blk | need
-        o, lse = _merge((oa, lse_a), run(need))
-        dropped = torch.where(need[:, :, None, None], -math.inf, logc).logsumexp(-1)  # [B, Hkv, G, Sq]
+        o, lse, chosen = _top_p(run, attend_blk, logc, math.log(eps / (1 - eps)))
+        dropped = torch.where(chosen[:, :, None, None], -math.inf, logc).logsumexp(-1)  # [B, Hkv, G, Sq]
         total = torch.logaddexp(lse.view(B, Hkv, G, Sq).double(), dropped)
         err = torch.where(torch.isinf(dropped), 0.0, torch.exp(dropped - total)).float()
     out = o.view(B, Hkv, G, Sq, -1).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, -1).to(q.dtype)
     return out, err.permute(0, 3, 1, 2).reshape(B, Sq, Hq), chosen
+
+
+def _top_p(run, attend_blk, logc, log_ratio: float):
+    """Certified top-p: compute the attend blocks, then in rounds the unread blocks that some row
+    still needs, highest bound (over the group's rows) first -- ``FIRST_ROUND`` per (sequence, KV
+    head), doubling -- until for every row the bound on the unread mass is at most
+    ``exp(log_ratio)`` times its exact kept mass.
+
+    ``logc`` ``[B, Hkv, G, Sq, NB]``: log of (candidate keys x e^bound) per select block, -inf
+    elsewhere. Returns ``(o, lse, read)`` over the blocks read, ``read [B, Hkv, NB]``.
+    """
+    B, Hkv, G, Sq, NB = logc.shape
+    o, lse = run(attend_blk)
+    read, budget = attend_blk.clone(), FIRST_ROUND
+    best = logc.flatten(2, 3).amax(2)  # [B, Hkv, NB]: the group's highest bound per block
+    while True:
+        ordered, order = torch.where(read[:, :, None, None], -math.inf, logc).sort(-1, descending=True)
+        tail = ordered.flip(-1).logcumsumexp(-1).flip(-1)  # unread mass bound from rank r on
+        needed = tail > lse.view(B, Hkv, G, Sq, 1).double() + log_ratio  # a prefix of each row's ranks
+        if not bool(needed.any()):
+            return o, lse, read
+        wanted = torch.zeros_like(needed).scatter(-1, order, needed).flatten(2, 3).any(2) & ~read
+        top = torch.where(wanted, best, -math.inf).topk(min(budget, NB), dim=-1).indices
+        new = torch.zeros_like(wanted).scatter(-1, top, True) & wanted
+        o, lse = _merge((o, lse), run(new))
+        read, budget = read | new, budget * 2
 
 
 def candidate_blocks(ir: PatternIR, cache_seqlens: torch.Tensor, Sq: int, summaries: KeySummaries) -> torch.Tensor:

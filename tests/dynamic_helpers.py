@@ -10,7 +10,7 @@ import torch
 from spdsl import dynamic_reference as dref
 
 #: Kinds of cache drawn by the tests (see :func:`make_cache`).
-KINDS = ("gaussian", "needle", "peaked", "outliers", "ties", "constant", "huge", "tiny")
+KINDS = ("gaussian", "needle", "hot", "peaked", "outliers", "ties", "constant", "huge", "tiny")
 
 PATTERNS = {
     "massive": "pattern massive() {{ unit 16 causal attend sink(1) | local(1) {score} select all }}",
@@ -29,7 +29,9 @@ def make_cache(kind: str, seed: int, *, B=2, Sq=1, Hq=4, Hkv=2, D=16, S=160, dty
 
     Kinds: i.i.d. Gaussian; a *needle* (a key aligned with every query of its KV head, far back,
     with a distinctive value, at token ``needle[b]``) over small keys, beside a strong sink;
-    *peaked* (a sink of random strength over moderate keys: the certificate near its threshold);
+    *hot*: three blocks far back aligned with the queries, over small keys and an ordinary sink
+    (the attend mass is small: the certificate needs the rounds of the top-p); *peaked* (a sink of
+    random strength over moderate keys: the certificate near its threshold);
     *outliers* (a few channels 30x larger); near *ties* (keys equal up to 1e-4); *constant* keys;
     *huge* (norm x 30) and *tiny* (x 1e-3) keys.
     """
@@ -51,6 +53,14 @@ def make_cache(kind: str, seed: int, *, B=2, Sq=1, Hq=4, Hkv=2, D=16, S=160, dty
             needle[b] = int(torch.randint(20, int(lengths[b]) // 2, (1,), generator=g))
             k[b, needle[b]] = direction[b]
             v[b, needle[b]] = 5.0
+    elif kind == "hot":  # every query of a KV head near one direction, which three blocks hold
+        k *= 0.05
+        direction = torch.randn(B, Hkv, D, generator=g)
+        direction = direction / direction.norm(dim=-1, keepdim=True) * math.sqrt(D)
+        q = 0.3 * q + direction.repeat_interleave(Hq // Hkv, 1)[:, None]
+        direction = 3 * direction
+        for t in (1, 3, 4):  # tokens of blocks 1, 3 and 4 (block size 16)
+            k[:, 16 * t : 16 * t + 16] = direction[:, None] + 0.05 * k[:, 16 * t : 16 * t + 16]
     elif kind == "outliers":
         k[..., torch.randint(0, D, (2,), generator=g)] *= 30.0
     elif kind == "ties":
@@ -75,6 +85,13 @@ def value_range(pattern, v_cache, cache_seqlens, Sq: int, Hq: int) -> torch.Tens
         lo = torch.where(mask[:, :, None, None], vb[None], math.inf).amin(1)
         out[b] = torch.where(mask.any(1)[:, None, None], hi - lo, 0.0)
     return out
+
+
+def fp32_tol(q, k_cache, scale: float = 0.25, base: float = 2e-5) -> float:
+    """Rounding allowance of fp32 kernels: ``base``, growing with the largest ``|scale·q·k|`` (an
+    fp32 score of magnitude s carries an absolute error ~ s·2**-23, and so does its weight)."""
+    smax = float((q.double().flatten(1, 2) @ k_cache.double().flatten(1, 2).transpose(1, 2)).abs().max()) * scale
+    return base * max(1.0, smax / 20)
 
 
 def check_certificate(out, err, ref, vrange, eps: float, tol: float) -> None:
