@@ -5,7 +5,7 @@ KV head, the key blocks of :class:`~spdsl.summaries.KeySummaries` split into
 
 * *attend blocks* (holding a key of ``attend`` for some query row): always computed;
 * *select blocks* (candidate keys of ``select`` only): computed where the box bound ``U`` on
-  ``scale·q·k`` (:func:`~spdsl.summaries.box_bound`) says they can matter, for any query head of
+  ``scale·q·k`` (box and ball, :func:`~spdsl.summaries.box_bound`) says they can matter, for any query head of
   the GQA group and any query row:
 
   - ``score relu(alpha)``: a block is skipped iff ``U <= bias`` for every row -- its weights are
@@ -51,7 +51,7 @@ __all__ = [
 
 
 class Backend(NamedTuple):
-    """Where the blocks run: ``bound(rows, lo, hi)`` as :func:`~spdsl.summaries.box_bound`, and
+    """Where the blocks run: ``bound(rows, lo, hi, radius)`` as :func:`~spdsl.summaries.box_bound`, and
     ``run_blocks(...)`` as :func:`run_blocks_torch`."""
 
     bound: object
@@ -139,7 +139,7 @@ def decode(
     count = cand_tok.view(B, Sq, NB, bs).sum(-1)  # candidate keys per (row, block)
     attend_blk = attend_tok.view(B, Sq, NB, bs).any(-1).any(1)[:, None].expand(B, Hkv, NB)
     select_row = (count > 0)[:, None, None] & ~attend_blk[:, :, None, None]  # [B, Hkv, 1, Sq, NB]
-    bound = backend.bound(rows, summaries.lo, summaries.hi).view(B, Hkv, G, Sq, NB) * scale
+    bound = backend.bound(rows, summaries.lo, summaries.hi, summaries.radius).view(B, Hkv, G, Sq, NB) * scale
 
     def run(chosen):
         return backend.run_blocks(rows, k_cache, v_cache, block_table, chosen, cand_tok, cache_seqlens, Sq, scale, bias,

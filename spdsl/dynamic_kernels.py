@@ -32,12 +32,13 @@ def _pow2(n: int) -> int:
 
 
 def _bound_kernel(
-    Q, LO, HI, U, R, NB,
-    stride_qb, stride_qh, stride_qr, stride_sb, stride_sh, stride_st, stride_ub, stride_uh, stride_ur,
-    margin,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    Q, LO, HI, RADIUS, U, R, NB,
+    stride_qb, stride_qh, stride_qr, stride_sb, stride_sh, stride_st, stride_rb, stride_rh,
+    stride_ub, stride_uh, stride_ur, margin,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BALL: tl.constexpr,
 ):  # fmt: skip
-    # U[b, h, r, t] = q+ . hi + q- . lo + margin * |q| . max(|lo|, |hi|), for one chunk of blocks t
+    # U[b, h, r, t] = min(q+ . hi + q- . lo, q . mid + |q| radius) + margin * (|q| . max(|lo|, |hi|) + |q| radius)
+    # for one chunk of blocks t (the ball term only with BALL)
     pid_t = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -53,6 +54,12 @@ def _bound_kernel(
     u = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
     u = tl.dot(tl.minimum(q, 0.0), tl.trans(lo), u, input_precision="ieee")
     size = tl.dot(tl.abs(q), tl.trans(tl.maximum(tl.abs(lo), tl.abs(hi))), input_precision="ieee")
+    if BALL:
+        r_ptrs = RADIUS + off_b * stride_rb + off_h * stride_rh + offs_t
+        reach = tl.sqrt(tl.sum(q * q, 1))[:, None] * tl.load(r_ptrs, mask=t_ok, other=0.0)[None, :]
+        mid = 0.5 * (tl.dot(q, tl.trans(lo), input_precision="ieee") + tl.dot(q, tl.trans(hi), input_precision="ieee"))
+        u = tl.minimum(u, mid + reach)
+        size = size + reach
     u = u + margin * size
     u_ptrs = U + off_b * stride_ub + off_h * stride_uh + offs_r[:, None] * stride_ur + offs_t[None, :]
     tl.store(u_ptrs, u, mask=r_ok[:, None] & t_ok[None, :])
@@ -68,17 +75,19 @@ def _kernels():
     return _decorated(os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def bound_triton(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def bound_triton(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | None = None):
     """:func:`spdsl.summaries.box_bound` as a Triton kernel: ``rows [B, Hkv, R, D]``, summaries
-    ``[B, Hkv, NB, D]`` -> float32 ``[B, Hkv, R, NB]``."""
+    ``[B, Hkv, NB, D]`` (``radius [B, Hkv, NB]`` or None) -> float32 ``[B, Hkv, R, NB]``."""
     B, Hkv, R, D = rows.shape
     NB = lo.shape[2]
     rows = rows.contiguous()
     u = torch.empty((B, Hkv, R, NB), dtype=torch.float32, device=rows.device)
     block_t = 64 if NB >= 64 else max(16, _pow2(NB))
+    rad = radius if radius is not None else u
     _kernels()[0][(triton.cdiv(NB, block_t), Hkv, B)](
-        rows, lo, hi, u, R, NB, *rows.stride()[:3], *lo.stride()[:3], *u.stride()[:3], rounding_margin(D),
-        HEAD_DIM=D, BLOCK_R=max(16, _pow2(R)), BLOCK_T=block_t, num_warps=4,
+        rows, lo, hi, rad, u, R, NB, *rows.stride()[:3], *lo.stride()[:3], *rad.stride()[:2], *u.stride()[:3],
+        rounding_margin(D),
+        HEAD_DIM=D, BLOCK_R=max(16, _pow2(R)), BLOCK_T=block_t, BALL=radius is not None, num_warps=4,
     )  # fmt: skip
     return u
 

@@ -1,10 +1,14 @@
 """Per-block key summaries of a KV cache (issue 12): a per-channel box ``[lo, hi]`` per KV head and
-block of ``block_size`` consecutive token positions, and the exact bound it gives on ``q·k``.
+block of ``block_size`` consecutive token positions, plus a ball around the box's middle, and the
+bound they give on ``q·k``.
 
 For a box, ``max over k in [lo, hi] of q·k = Σ_i max(q_i·lo_i, q_i·hi_i) = q⁺·hi + q⁻·lo``
 (``q⁺ = max(q, 0)``, ``q⁻ = min(q, 0)``): exact for the box, an upper bound for every key of the
-block. :func:`box_bound` adds a rounding margin so that it also bounds the fp32 dot products the
-kernels compute. Summaries live on the cache's device, in float32 (exact for fp16/bf16 keys).
+block. For the ball of ``radius`` r around ``mid = (lo + hi) / 2`` holding every key of the block,
+``q·k <= q·mid + |q|·r`` (tighter than the box for isotropic noise in many channels; the box is
+tighter for a few outlier channels). :func:`box_bound` takes the smaller of the two and adds a
+rounding margin so that it also bounds the fp32 dot products the kernels compute. Summaries live
+on the cache's device, in float32 (exact for fp16/bf16 keys).
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ def rounding_margin(head_dim: int) -> float:
     return (2 * head_dim + 8) * 2.0**-24
 
 
-def box_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Upper bounds on ``q·k`` per block (unscaled), rounding margin included.
+def box_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper bounds on ``q·k`` per block (unscaled): the box's, or the smaller of the box's and the
+    ball's when ``radius`` is given; rounding margin included.
 
     Parameters
     ----------
     q: ``[B, Hkv, R, D]`` (the rows of one KV head: its query heads x queries).
-    lo, hi: ``[B, Hkv, NB, D]`` summaries.
+    lo, hi: ``[B, Hkv, NB, D]`` summaries; radius: ``[B, Hkv, NB]`` or None.
 
     Returns
     -------
@@ -37,8 +42,13 @@ def box_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tens
     """
     qf = q.float()
     exact = qf.clamp(min=0) @ hi.transpose(-1, -2) + qf.clamp(max=0) @ lo.transpose(-1, -2)
-    scale = qf.abs() @ torch.maximum(lo.abs(), hi.abs()).transpose(-1, -2)
-    return exact + rounding_margin(q.shape[-1]) * scale
+    margin = rounding_margin(q.shape[-1])
+    size = qf.abs() @ torch.maximum(lo.abs(), hi.abs()).transpose(-1, -2)
+    if radius is not None:
+        reach = qf.norm(dim=-1, keepdim=True) * radius[:, :, None]  # |q| r
+        ball = 0.5 * (qf @ lo.transpose(-1, -2) + qf @ hi.transpose(-1, -2)) + reach
+        exact, size = torch.minimum(exact, ball), size + reach
+    return exact + margin * size
 
 
 def gather_rows(cache: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, block_table=None, head=None) -> torch.Tensor:
@@ -55,7 +65,8 @@ def gather_rows(cache: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, block_t
 
 
 class KeySummaries:
-    """Per-block min/max boxes of a KV cache's keys: ``lo``, ``hi`` float32 ``[B, Hkv, NB, D]``.
+    """Per-block min/max boxes of a KV cache's keys: ``lo``, ``hi`` float32 ``[B, Hkv, NB, D]``, and
+    ``radius [B, Hkv, NB]``: the largest distance of a block's key from its box's middle.
 
     Built by ``op.summaries(k_cache, cache_seqlens, block_table=None)``; :meth:`update` after
     tokens are appended recomputes only the blocks whose tokens changed. Empty blocks hold zeros
@@ -74,6 +85,7 @@ class KeySummaries:
         shape = (B, k_cache.shape[2], self.num_blocks, k_cache.shape[3])
         self.lo = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
         self.hi = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
+        self.radius = torch.zeros(shape[:3], dtype=torch.float32, device=k_cache.device)
         self.seqlens = [0] * B
         self.update(k_cache, cache_seqlens)
 
@@ -107,8 +119,10 @@ class KeySummaries:
         lo = torch.where(ok, keys, torch.inf).amin(1)  # [n, Hkv, D]
         hi = torch.where(ok, keys, -torch.inf).amax(1)
         empty = ~valid.any(1)[:, None, None]
-        self.lo[b, :, t] = torch.where(empty, 0.0, lo)
-        self.hi[b, :, t] = torch.where(empty, 0.0, hi)
+        lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+        dist = (keys - 0.5 * (lo + hi)[:, None]).norm(dim=-1)  # [n, bs, Hkv]: from the box's middle
+        radius = torch.where(valid[:, :, None], dist, 0.0).amax(1) * (1 + rounding_margin(keys.shape[-1]))
+        self.lo[b, :, t], self.hi[b, :, t], self.radius[b, :, t] = lo, hi, radius
 
     def check(self, k_cache, cache_seqlens, block_table, *, check_lengths: bool = True) -> None:
         """Raise ValueError unless these summaries describe ``k_cache`` (same storage, shape, dtype,

@@ -41,8 +41,12 @@ def test_bound_kernel_equals_the_torch_bound(env, D, rows, blocks):
     q = torch.randn(2, 2, rows, D, generator=g)
     lo = torch.randn(2, 2, blocks, D, generator=g)
     hi = lo + torch.rand(2, 2, blocks, D, generator=g)
+    radius = torch.rand(2, 2, blocks, generator=g) * 3
     got = kernels.bound_triton(*_to(DEVICE, q, lo, hi)).cpu()
     torch.testing.assert_close(got, box_bound(q, lo, hi), atol=1e-4, rtol=1e-5)
+    got = kernels.bound_triton(*_to(DEVICE, q, lo, hi, radius)).cpu()
+    torch.testing.assert_close(got, box_bound(q, lo, hi, radius), atol=1e-4, rtol=1e-5)
+    assert bool((box_bound(q, lo, hi, radius) < box_bound(q, lo, hi)).any())  # the ball is tighter somewhere
     assert CUDA or type(kernels._kernels()[0]).__name__ == "InterpretedFunction"
 
 

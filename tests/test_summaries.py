@@ -27,6 +27,9 @@ def test_box_is_the_per_channel_min_max_of_each_block():
         for t in range(-(-n // 16)):
             keys = k[b, t * 16 : min(n, t * 16 + 16)].transpose(0, 1)  # [H, tokens, D]
             assert torch.equal(s.lo[b, :, t], keys.amin(1)) and torch.equal(s.hi[b, :, t], keys.amax(1))
+            far = (keys - (keys.amin(1, keepdim=True) + keys.amax(1, keepdim=True)) / 2).norm(dim=-1).amax(1)
+            torch.testing.assert_close(s.radius[b, :, t], far, rtol=1e-5, atol=0)
+            assert bool((s.radius[b, :, t] >= far).all())
     assert not s.lo[1, :, 3:].any() and not s.hi[2].any()  # empty blocks hold zeros
 
 
@@ -48,7 +51,7 @@ def test_update_equals_a_build_from_scratch(seed, steps, paged):
         k.add_(0.0)  # the same storage: appended tokens are written in place in a real cache
         s.update(k, lengths)
         fresh = KeySummaries(k, lengths, bt, block_size=16)
-        assert torch.equal(s.lo, fresh.lo) and torch.equal(s.hi, fresh.hi)
+        assert torch.equal(s.lo, fresh.lo) and torch.equal(s.hi, fresh.hi) and torch.equal(s.radius, fresh.radius)
         assert s.seqlens == lengths.tolist()
 
 
@@ -70,15 +73,17 @@ def test_paged_equals_contiguous():
     assert torch.equal(flat.lo[:, :, :7], paged.lo[:, :, :7]) and torch.equal(flat.hi[:, :, :7], paged.hi[:, :, :7])
 
 
-def test_bound_is_exact_for_the_box_and_bounds_every_key():
+def test_bound_is_exact_for_the_box_and_the_ball_bounds_every_key():
     k, _ = _cache(4, B=2, S=64, H=2, D=32)
     q = torch.randn(2, 2, 3, 32)  # [B, Hkv, rows, D]
     s = KeySummaries(k, torch.tensor([64, 50], dtype=torch.int32), block_size=16)
     u = box_bound(q, s.lo, s.hi)  # [B, Hkv, rows, NB]
     scores = torch.einsum("bhrd,bshd->bhrs", q, k)
+    both = box_bound(q, s.lo, s.hi, s.radius)
+    assert bool((both <= u + 1e-3).all()) and bool((both < u - 1).any())  # (the margin grows by |q| r)
     for b, n in enumerate([64, 50]):
         for t in range(-(-n // 16)):
-            assert bool((scores[b, :, :, t * 16 : min(n, t * 16 + 16)].amax(-1) <= u[b, :, :, t]).all())
+            assert bool((scores[b, :, :, t * 16 : min(n, t * 16 + 16)].amax(-1) <= both[b, :, :, t]).all())
     corner = torch.where(q[..., None, :] > 0, s.hi[:, :, None], s.lo[:, :, None]).double()
     exact = (q[..., None, :].double() * corner).sum(-1)  # the box's maximizing corner, in fp64
     assert bool((u >= exact).all())
