@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import spdsl
 from spdsl import dynamic
 from spdsl import dynamic_reference as dref
 from spdsl.summaries import KeySummaries, box_bound
-from tests.dynamic_helpers import check_certificate, make_cache, pattern_text, value_range
+from tests.dynamic_helpers import KINDS, check_certificate, fp32_tol, make_cache, pattern_text, value_range
 from tests.helpers import scoped_env
+from tests.strategies import n_examples
 from tests.test_decode import to_paged
 
 CUDA = torch.cuda.is_available()
@@ -93,3 +96,27 @@ def test_softmax_kernel_holds_the_certificate(env, kind, eps, hkv, dtype):
     torch.testing.assert_close(err.cpu(), cpu[1], atol=1e-5, rtol=1e-3)  # the same blocks, the same bound
     if kind == "needle":  # found: its block is read for every KV head
         assert all(bool(cpu[2][b, :, needle[b] // 16].all()) for b in range(q.shape[0]))
+
+
+@settings(max_examples=n_examples(10), deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    alpha=st.sampled_from([None, 1, 3]),
+    eps=st.sampled_from([1e-1, 1e-3]),
+    sq=st.integers(1, 3),
+    hkv=st.sampled_from([1, 2]),
+    paged=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_on_drawn_caches(env, kind, alpha, eps, sq, hkv, paged, seed):
+    _, build = env
+    op = build(pattern_text("strided", alpha))
+    q, k, v, lengths, _ = make_cache(kind, seed, Sq=sq, Hkv=hkv, S=130)
+    kc, vc, bt = to_paged(k, v, 16, torch.Generator().manual_seed(seed)) if paged else (k, v, None)
+    q_, kc, vc, lengths_ = _to(DEVICE, q, kc, vc, lengths)
+    bt = bt.to(DEVICE) if bt is not None else None
+    s = op.summaries(kc, lengths_, bt, block_size=16)
+    out, err = op.decode(q_, kc, vc, lengths_, block_table=bt, summaries=s, eps=eps, bias=0.1, return_error=True)
+    ref = dref.decode(op.pattern, q, k, v, lengths, bias=0.1)
+    vrange = value_range(op.pattern, v, lengths, sq, q.shape[2])
+    check_certificate(out.cpu(), err.cpu(), ref, vrange, eps if alpha is None else 0.0, fp32_tol(q, k))
