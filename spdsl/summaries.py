@@ -18,7 +18,7 @@ import torch
 __all__ = ["KeySummaries", "box_bound", "gather_rows", "rounding_margin"]
 
 #: Blocks recomputed per step of a from-scratch build (bounds the gathered keys' memory).
-_CHUNK_BLOCKS = 2048
+_CHUNK_BLOCKS = 512
 
 
 def rounding_margin(head_dim: int) -> float:

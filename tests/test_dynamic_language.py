@@ -90,3 +90,11 @@ def test_pattern_ir_refuses_a_bad_score():
         ir.PatternIR("p", 1, True, Local(1), score=("relu", 0))
     with pytest.raises(ValueError, match="relu"):
         ir.PatternIR("p", 1, True, Local(1), score=("gelu", 1))
+
+
+def test_cli_summary_shows_the_v11_lines():
+    from spdsl.cli_common import summary
+
+    line = summary(spdsl.compile(MASSIVE))
+    assert "score relu(2)  select all  (layouts and pictures: attend only)" in line
+    assert summary(spdsl.compile("pattern w() { attend local(2) }")).endswith("attend local(2)  params -")
