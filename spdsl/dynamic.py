@@ -193,16 +193,33 @@ def _top_p(run, attend_blk, logc, log_ratio: float):
 
 
 def candidate_blocks(ir: PatternIR, cache_seqlens: torch.Tensor, Sq: int, summaries: KeySummaries) -> torch.Tensor:
-    """bool ``[B, NB]``: blocks holding a candidate key of some query row (the denominator of the
-    fraction of blocks read)."""
+    """Blocks holding a candidate key (``attend ∪ select``) of some query row.
+
+    Parameters
+    ----------
+    ir: the pattern; cache_seqlens: int ``[B]``; Sq: queries per sequence; summaries: the blocks.
+
+    Returns
+    -------
+    bool ``[B, NB]`` (the denominator of the fraction of blocks read).
+    """
     NB, bs = summaries.num_blocks, summaries.block_size
     _, cand = _token_masks(ir, cache_seqlens, Sq, NB * bs)
     return cand.view(cand.shape[0], Sq, NB, bs).any(-1).any(1)
 
 
 def block_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``chosen`` bool ``[B, Hkv, NB]`` -> (int32 ``[B, Hkv, L]`` block indices, ascending, padded
-    with 0; int32 ``[B, Hkv]`` counts), ``L = max(1, max count)``."""
+    """The kernels' form of a block choice.
+
+    Parameters
+    ----------
+    chosen: bool ``[B, Hkv, NB]``.
+
+    Returns
+    -------
+    ``(lists, counts)``: int32 ``[B, Hkv, L]`` block indices, ascending, padded with 0, and int32
+    ``[B, Hkv]`` counts; ``L = max(1, largest count)`` (one host synchronization).
+    """
     counts = chosen.sum(-1)
     width = max(1, int(counts.max()) if counts.numel() else 1)
     order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :width]
@@ -210,17 +227,52 @@ def block_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lists.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
 
 
-def weights_log(s: torch.Tensor, scale: float, bias: float, score) -> torch.Tensor:
-    """Log-weights of raw scores ``q·k``: ``scale·s`` (softmax) or ``alpha·log(relu(scale·s − bias))``."""
+def weights_log(s: torch.Tensor, scale: float, bias: float, score: tuple[str, int] | None) -> torch.Tensor:
+    """Log-weights of raw scores ``q·k``.
+
+    Parameters
+    ----------
+    s: raw scores; scale, bias: as ``op.decode``; score: None (softmax) or ``("relu", alpha)``.
+
+    Returns
+    -------
+    ``scale·s`` (softmax), or ``alpha·log(relu(scale·s − bias))`` (-inf where the weight is 0).
+    """
     if score is None:
         return s * scale
     x = s * scale - bias
     return torch.where(x > 0, score[1] * torch.log(x.clamp(min=torch.finfo(x.dtype).tiny)), -math.inf)
 
 
-def run_blocks_torch(rows, k_cache, v_cache, block_table, chosen, cand_tok, seqlens, Sq, scale, bias, score, bs):
-    """The CPU backend: attention of ``rows [B, Hkv, R, D]`` (row ``g * Sq + j``) over the chosen
-    blocks' candidate keys, in float32. Returns ``(o [B, Hkv, R, Dv], lse [B, Hkv, R])``, natural log."""
+def run_blocks_torch(
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor | None,
+    chosen: torch.Tensor,
+    cand_tok: torch.Tensor,
+    seqlens: torch.Tensor,
+    Sq: int,
+    scale: float,
+    bias: float,
+    score: tuple[str, int] | None,
+    bs: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU backend: attention of each KV head's rows over the chosen blocks' candidate keys, fp32.
+
+    Parameters
+    ----------
+    rows: ``[B, Hkv, R, D]``, row ``g * Sq + j`` (query head ``g`` of the group, query ``j``).
+    k_cache, v_cache, block_table, seqlens: the cache, as ``op.decode``.
+    chosen: bool ``[B, Hkv, NB]``, the blocks (of ``bs`` tokens) to read.
+    cand_tok: bool ``[B, Sq, NB * bs]``, each query's candidate keys.
+    scale, bias, score: see :func:`weights_log`.
+
+    Returns
+    -------
+    ``(o [B, Hkv, R, Dv], lse [B, Hkv, R])``: normalized output and natural-log sum of the weights
+    over the keys read (0 and -inf for a row that read nothing).
+    """
     B, Hkv, R, _ = rows.shape
     lists, counts = block_lists(chosen)
     L = lists.shape[-1]

@@ -75,9 +75,19 @@ def _kernels():
     return _decorated(os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def bound_triton(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | None = None):
-    """:func:`spdsl.summaries.box_bound` as a Triton kernel: ``rows [B, Hkv, R, D]``, summaries
-    ``[B, Hkv, NB, D]`` (``radius [B, Hkv, NB]`` or None) -> float32 ``[B, Hkv, R, NB]``."""
+def bound_triton(
+    rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`spdsl.summaries.box_bound` as a Triton kernel.
+
+    Parameters
+    ----------
+    rows: ``[B, Hkv, R, D]``; lo, hi: ``[B, Hkv, NB, D]`` float32; radius: ``[B, Hkv, NB]`` or None.
+
+    Returns
+    -------
+    float32 ``[B, Hkv, R, NB]``.
+    """
     B, Hkv, R, D = rows.shape
     NB = lo.shape[2]
     rows = rows.contiguous()
@@ -166,8 +176,27 @@ def _splits(device: torch.device, programs: int, width: int) -> int:
     return 1 if programs >= 2 * sms else max(1, min(-(-2 * sms // programs), width, 32))
 
 
-def run_blocks_triton(rows, k_cache, v_cache, block_table, chosen, cand_tok, seqlens, Sq, scale, bias, score, bs):
-    """:func:`spdsl.dynamic.run_blocks_torch` as a Triton kernel; returns ``(o, lse)`` float32."""
+def run_blocks_triton(
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor | None,
+    chosen: torch.Tensor,
+    cand_tok: torch.Tensor,
+    seqlens: torch.Tensor,
+    Sq: int,
+    scale: float,
+    bias: float,
+    score: tuple[str, int] | None,
+    bs: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`spdsl.dynamic.run_blocks_torch` as a Triton kernel (same parameters).
+
+    Returns
+    -------
+    ``(o [B, Hkv, R, D], lse [B, Hkv, R])`` float32: the splits of each (sequence, KV head)
+    merged by their log-sum-exp.
+    """
     B, Hkv, R, D = rows.shape
     lists, counts = block_lists(chosen)
     nsplit = _splits(rows.device, B * Hkv, lists.shape[-1])

@@ -74,6 +74,14 @@ class KeySummaries:
     """
 
     def __init__(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_table=None, block_size: int = 64):
+        """Summarize ``k_cache`` at ``cache_seqlens``.
+
+        Parameters
+        ----------
+        k_cache: ``[B, S_max, Hkv, D]``, or paged ``[pages, page, Hkv, D]`` with ``block_table``.
+        cache_seqlens: integer ``[B]``; block_table: integer ``[B, max_pages]`` (kept by reference).
+        block_size: tokens per block, a power of two >= 16.
+        """
         _check_cache(k_cache, cache_seqlens, block_table, block_size)
         B = cache_seqlens.shape[0]
         capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
@@ -91,9 +99,16 @@ class KeySummaries:
 
     def update(self, k_cache: torch.Tensor, cache_seqlens: torch.Tensor) -> KeySummaries:
         """Recompute the blocks between each sequence's previous and new length (appended or
-        truncated tokens); every other block is untouched. Returns ``self``.
+        truncated tokens); every other block is untouched.
 
-        Reads ``cache_seqlens`` on the host (one synchronization): not CUDA-graph capturable yet.
+        Parameters
+        ----------
+        k_cache: the same cache (same storage), new tokens written; cache_seqlens: the new lengths.
+
+        Returns
+        -------
+        ``self``. Reads ``cache_seqlens`` on the host (one synchronization): not CUDA-graph
+        capturable yet.
         """
         self.check(k_cache, cache_seqlens, None, check_lengths=False)
         new = [int(n) for n in cache_seqlens.tolist()]
