@@ -41,9 +41,10 @@ PATTERN = """pattern massive(window = 4, sinks = 1) {
 }"""
 
 
-def make_data(kind: str, conc: float, B: int, S: int, Hq: int, Hkv: int, D: int, dtype, seed: int, device="cuda"):
+def make_data(kind, conc, B, S, Hq, Hkv, D, dtype, seed, device="cuda", noise=0.3):
     """q [B, 1, Hq, D], caches [B, S, Hkv, D]: i.i.d. Gaussian, or clustered (a fraction ``conc`` of
-    the 64-token blocks drawn around the queries' cluster, the rest around 63 others)."""
+    the 64-token blocks drawn around the queries' cluster, the rest around 63 others; keys and
+    queries are their center plus ``noise`` x Gaussian per channel)."""
     g = torch.Generator(device=device).manual_seed(seed)
     v = torch.randn(B, S, Hkv, D, device=device, generator=g)
     if kind == "iid":
@@ -56,9 +57,9 @@ def make_data(kind: str, conc: float, B: int, S: int, Hq: int, Hkv: int, D: int,
     cluster = torch.where(hot, 0, torch.randint(1, 64, (B, blocks), device=device, generator=g))
     cluster = cluster.repeat_interleave(64, 1)[:, :S]  # [B, S]
     k = centers[torch.arange(Hkv, device=device)[None, None], cluster[..., None]]  # [B, S, Hkv, D]
-    k = k + 0.3 * torch.randn(B, S, Hkv, D, device=device, generator=g)
+    k = k + noise * torch.randn(B, S, Hkv, D, device=device, generator=g)
     q = centers[:, 0].repeat_interleave(Hq // Hkv, 0)[None, None].expand(B, 1, Hq, D)
-    q = q + 0.3 * torch.randn(B, 1, Hq, D, device=device, generator=g)
+    q = q + noise * torch.randn(B, 1, Hq, D, device=device, generator=g)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -85,7 +86,7 @@ def run_case(op, args, kind, conc, B, S, rows, backend, timer=timed) -> None:
     """One row: the data, the certified decode, the full read, the top-K baseline, their times."""
     Hq, Hkv, D, dtype = args.q_heads, args.kv_heads, args.head_dim, getattr(torch, args.dtype)
     scale = 1.0 / math.sqrt(D)
-    q, kc, vc = make_data(kind, conc, B, S, Hq, Hkv, D, dtype, seed=S + B, device=args.device)
+    q, kc, vc = make_data(kind, conc, B, S, Hq, Hkv, D, dtype, S + B, args.device, args.noise)
     seqlens = torch.full((B,), S, dtype=torch.int32, device=args.device)
     s = op.summaries(kc, seqlens, block_size=args.block)
     ir = op.pattern.ir
@@ -109,6 +110,7 @@ def run_case(op, args, kind, conc, B, S, rows, backend, timer=timed) -> None:
         "seq": S,
         "batch": B,
         "eps": args.eps,
+        "noise": None if kind == "iid" else args.noise,
         "blocks_read_frac": read,
         "spdsl_ms": timer(lambda: op.decode(q, kc, vc, seqlens, summaries=s, eps=args.eps), args.reps, 3),
         "full_ms": timer(lambda: call(topk=s.num_blocks), args.reps, 3),
@@ -143,6 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--block", type=int, default=64, help="tokens per summarized block")
     ap.add_argument("--concentrations", type=float, nargs="+", default=[0.01, 0.05, 0.2])
+    ap.add_argument("--noise", type=float, default=0.3, help="per-channel spread of clustered keys around their center")
     ap.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the CI smoke test only
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.json"))

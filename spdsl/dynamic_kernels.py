@@ -168,11 +168,16 @@ def _blocks_kernel(
     tl.store(LPART + part + offs_r, lse2)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(device: torch.device, programs: int, width: int) -> int:
     """Splits per (sequence, KV head): enough programs for two waves of the GPU (2 on the interpreter)."""
     if device.type != "cuda":
         return min(2, width)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     return 1 if programs >= 2 * sms else max(1, min(-(-2 * sms // programs), width, 32))
 
 

@@ -106,8 +106,9 @@ class SparseAttention:
         Under ``torch.compile`` it is the custom op ``<op name>_decode`` (no graph break; CUDA-graph safe).
 
         Patterns with ``score`` / ``select`` lines (v1.1) take ``summaries=`` (from :meth:`summaries`;
-        built on the spot when omitted), ``eps=1e-3`` (softmax error target, 0 < eps < 1),
-        ``bias=0.0`` (ReLU^alpha bias) and ``return_error=False``; with ``return_error=True`` they
+        built on the spot when omitted), ``eps=1e-3`` (softmax error bound, 0 < eps < 1; ReLU^alpha
+        is exact and ignores it), ``bias=0.0`` (ReLU^alpha bias; softmax ignores it) and
+        ``return_error=False``; with ``return_error=True`` they
         return ``(out, err)``, ``err [B, Sq, Hq]`` float32 the certified total-variation bound
         (see :mod:`spdsl.dynamic`). Not CUDA-graph safe (the block choice synchronizes).
         """
