@@ -16,6 +16,7 @@ PATTERNS = {
     "massive": "pattern massive() {{ unit 16 causal attend sink(1) | local(1) {score} select all }}",
     "strided": "pattern strided() {{ unit 8 causal attend local(2) {score} select every(3) | sink(2) }}",
     "noselect": "pattern noselect() {{ unit 16 causal attend sink(1) | local(2) | stride(5) {score} }}",
+    "bidir": "pattern bidir() {{ unit 8 attend local(2) {score} select every(2) - segment(9) }}",
 }
 
 

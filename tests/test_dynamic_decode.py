@@ -39,7 +39,7 @@ def run(op, q, k, v, lengths, *, eps=1e-3, bias=0.0, paged=False, seed=0):
 @given(
     alpha=st.integers(1, 3),
     bias=st.floats(-0.5, 1.5),
-    name=st.sampled_from(["massive", "strided", "noselect"]),
+    name=st.sampled_from(["massive", "strided", "noselect", "bidir"]),
     kind=st.sampled_from(KINDS),
     sq=st.integers(1, 3),
     paged=st.booleans(),
@@ -67,7 +67,7 @@ def test_relu_skips_blocks_below_the_bias(build):
 
 @settings(max_examples=n_examples(40), deadline=None)
 @given(
-    name=st.sampled_from(["massive", "strided"]),  # softmax without select is a static pattern
+    name=st.sampled_from(["massive", "strided", "bidir"]),  # softmax without select is a static pattern
     kind=st.sampled_from(KINDS),
     eps=st.sampled_from([1e-1, 1e-2, 1e-3, 1e-5]),
     sq=st.integers(1, 2),
