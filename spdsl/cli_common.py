@@ -160,7 +160,14 @@ def cli_errors(debug: bool = False) -> Iterator[None]:
 
 
 def summary(p) -> str:
-    """One line: ``unit=256 causal  attend (local(5) | powers(2) | sink(1))  params window=5 sinks=1``."""
+    """One line: ``unit=256 causal  attend (local(5) | powers(2) | sink(1))  params window=5 sinks=1``.
+
+    v1.1 lines follow the attend: ``score relu(2)  select all  (layouts and pictures: attend only)``.
+    """
     params = " ".join(f"{k}={v}" for k, v in p.params.items()) or "-"
     mode = "causal" if p.causal else "bidirectional"
-    return f"unit={p.unit} {mode}  attend {p.ir.expr.text()}  params {params}"
+    extra = "" if p.ir.score is None else f"  score {p.ir.score[0]}({p.ir.score[1]})"
+    extra += "" if p.ir.select is None else f"  select {p.ir.select.text()}"
+    if extra:
+        extra += "  (layouts and pictures: attend only)"
+    return f"unit={p.unit} {mode}  attend {p.ir.expr.text()}{extra}  params {params}"

@@ -38,6 +38,12 @@ def resolve(pattern, heads: Sequence[int] | None) -> tuple[tuple[Pattern, ...], 
     if heads is None:
         return patterns, None
     heads = check(heads, len(patterns))
+    if len(patterns) > 1 and any(p.ir.dynamic for p in patterns):
+        dyn = ", ".join(p.name for p in patterns if p.ir.dynamic)
+        raise ValueError(
+            f"per-head patterns cannot include patterns with score/select lines yet ({dyn}): build those as "
+            "an op of their own"
+        )
     return patterns, (heads if len(patterns) > 1 else None)
 
 

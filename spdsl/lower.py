@@ -13,6 +13,8 @@ Rules enforced here (each violation is an :class:`SpdError` at the offending tex
   dividing by zero is an error;
 * a pattern has at most one ``unit`` (1 <= unit <= 2**30; default 1), at most one ``causal``
   and at least one ``attend``; several ``attend`` lines are unioned;
+* v1.1: at most one ``score`` line, ``score relu(alpha)`` with an integer ``alpha >= 1``;
+  ``select`` lines (unioned like ``attend``) need an ``attend`` line;
 * primitives are looked up in :data:`spdsl.core.primitives.PRIMITIVES`, called with exactly their number
   of arguments, and their own range checks (``Primitive.check``) are reported at the argument.
 """
@@ -165,31 +167,66 @@ class _Lowering:
     def lower(self, overrides: Mapping[str, object]) -> ir.PatternIR:
         check_name(self, self.pdef, "pattern")
         params = self.resolve_params(overrides)
-        unit: ast.Unit | None = None
-        causal: ast.Causal | None = None
-        attends: list[ir.Expr] = []
+        once: dict[type, ast.Node] = {}  # unit, causal, score: at most one each
+        sets: dict[type, list[ir.Expr]] = {ast.Attend: [], ast.Select: []}
         for stmt in self.pdef.stmts:
-            if isinstance(stmt, ast.Attend):
-                attends.append(self.lower_set(stmt.expr))
+            if isinstance(stmt, (ast.Attend, ast.Select)):
+                sets[type(stmt)].append(self.lower_set(stmt.expr))
                 continue
-            first = unit if isinstance(stmt, ast.Unit) else causal
+            first = once.get(type(stmt))
             if first is not None:
-                word = "unit" if isinstance(stmt, ast.Unit) else "causal"
+                word = type(stmt).__name__.lower()
                 raise self.error(
                     stmt,
                     f"duplicate '{word}' in pattern {self.pdef.name}",
                     hint=f"the first is at line {first.line}:{first.column}; keep only one",
                 )
-            if isinstance(stmt, ast.Unit):
-                unit = stmt
-            else:
-                causal = stmt
+            once[type(stmt)] = stmt
+        attends, selects = sets[ast.Attend], sets[ast.Select]
         if not attends:
+            first_select = next((s for s in self.pdef.stmts if isinstance(s, ast.Select)), None)
+            if first_select is not None:
+                raise self.error(
+                    first_select,
+                    f"pattern {self.pdef.name} has a select line but no attend line",
+                    hint="select adds candidates beyond attend, which is always computed: "
+                    "add one, e.g. `attend sink(1) | local(4)`",
+                )
             raise self.error(
                 self.pdef, f"pattern {self.pdef.name} has no attend line", hint="add one, e.g. `attend local(4)`"
             )
-        expr = attends[0] if len(attends) == 1 else ir.Union(attends)
-        return ir.PatternIR(self.pdef.name, self.unit_value(unit), causal is not None, expr, params)
+        return ir.PatternIR(
+            self.pdef.name,
+            self.unit_value(once.get(ast.Unit)),
+            ast.Causal in once,
+            _union(attends),
+            params,
+            score=self.score_value(once.get(ast.Score)),
+            select=_union(selects) if selects else None,
+        )
+
+    def score_value(self, stmt: ast.Score | None) -> tuple[str, int] | None:
+        """``score relu(alpha)`` -> ("relu", alpha); None (softmax) without a score line."""
+        if stmt is None:
+            return None
+        call = stmt.call
+        hint = "the score function is `relu(alpha)` with an integer alpha >= 1, e.g. `score relu(2)`"
+        if call.name != "relu":
+            name_node = ast.Name(
+                call.name,
+                line=call.line,
+                column=call.column,
+                end_line=call.line,
+                end_column=call.name_end_column or call.column + len(call.name),
+            )
+            close = did_you_mean(call.name, ["relu"])
+            raise self.error(name_node, f"unknown score function '{call.name}'", hint=close or hint)
+        if len(call.args) != 1:
+            raise self.error(call, f"relu takes 1 argument (alpha), got {len(call.args)}", hint=hint)
+        alpha = self.eval_int(call.args[0])
+        if alpha < 1:
+            raise self.error(call.args[0], f"alpha must be an integer >= 1, got {alpha}", hint=hint)
+        return ("relu", alpha)
 
     def unit_value(self, stmt: ast.Unit | None) -> int:
         if stmt is None:
@@ -245,6 +282,11 @@ class _Lowering:
             return f"'{name}' is a parameter; use it as an argument, e.g. `local({name})`"
         names = ", ".join(describe(c).split(":")[0] for c in PRIMITIVES.values())
         return f"the primitives are {names}"
+
+
+def _union(exprs: list[ir.Expr]) -> ir.Expr:
+    """Several attend (or select) lines are one union."""
+    return exprs[0] if len(exprs) == 1 else ir.Union(exprs)
 
 
 def check_name(low: _Lowering, node: ast.PatternDef | ast.Param, what: str) -> None:

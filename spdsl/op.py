@@ -23,6 +23,10 @@ from .pattern import Pattern
 
 #: Tile size of the CPU backend's layouts.
 CPU_TILE = 64
+#: Default key-block size of the summaries (and of the dynamic decode's kernel tiles).
+SUMMARY_BLOCK = 64
+#: ``op.decode`` keywords that only patterns with ``score`` / ``select`` lines take, and their defaults.
+_DYNAMIC_DEFAULTS = {"summaries": None, "eps": 1e-3, "bias": 0.0, "return_error": False}
 
 
 class SparseAttention:
@@ -43,6 +47,7 @@ class SparseAttention:
         self.patterns = pattern if isinstance(pattern, tuple) else (pattern,)
         #: the pattern; None for per-head patterns (see ``patterns`` and ``heads``)
         self.pattern = None if heads is not None else self.patterns[0]
+        self._dynamic = heads is None and self.patterns[0].ir.dynamic  # (resolve refuses per-head dynamic)
         self.heads = None if heads is None else tuple(heads)
         self.module = module
         self.path = path
@@ -59,6 +64,7 @@ class SparseAttention:
         Differentiable in q, k and v (and through LSE when it is returned). Under ``torch.autocast``
         the inputs are cast to its dtype first, as SDPA's are.
         """
+        self._static_only("op(q, k, v)")
         q, k, v = _autocast(q, k, v)
         self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
         check_count(self.heads, q.shape[1])
@@ -79,6 +85,7 @@ class SparseAttention:
 
     def varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale=None, return_lse=False):
         """Packed sequences (FlashAttention varlen conventions), differentiable; see the generated module."""
+        self._static_only("op.varlen")
         q, k, v = _autocast(q, k, v)
         return self.module.attention_varlen(
             q,
@@ -93,14 +100,58 @@ class SparseAttention:
             **self._kw,
         )
 
-    def decode(self, q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False):
+    def _static_only(self, what: str) -> None:
+        if self._dynamic:
+            raise NotImplementedError(
+                f"{what} is not implemented yet for patterns with score/select lines (issue 12 ships decode "
+                "first): use op.decode(..., summaries=op.summaries(...))"
+            )
+
+    def summaries(self, k_cache, cache_seqlens, block_table=None, *, block_size: int = SUMMARY_BLOCK):
+        """Per-block key summaries of a KV cache, for ``decode(..., summaries=s)`` (issue 12).
+
+        Parameters
+        ----------
+        k_cache: ``[B, S_max, Hkv, D]``, or paged ``[pages, page, Hkv, D]`` with ``block_table``.
+        cache_seqlens: int ``[B]``, tokens in each cache.
+        block_table: int32 ``[B, max_pages]`` for a paged cache (kept by reference: pages appended to
+            it later are seen by ``update``).
+        block_size: tokens per summarized block (a power of two >= 16).
+
+        Returns
+        -------
+        A :class:`spdsl.summaries.KeySummaries`; call ``s.update(k_cache, cache_seqlens)`` after
+        appending tokens (only the changed blocks are recomputed).
+        """
+        from .summaries import KeySummaries
+
+        return KeySummaries(k_cache, cache_seqlens, block_table, block_size)
+
+    def decode(self, q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False, **dynamic):
         """KV-cache decode (FlashAttention ``flash_attn_with_kvcache`` conventions); see the generated module.
 
         CUDA (or ``TRITON_INTERPRET=1``) runs the sparse decode kernel; CPU tensors the blocked backend.
         Under ``torch.compile`` it is the custom op ``<op name>_decode`` (no graph break; CUDA-graph safe).
         Under ``torch.autocast`` the inputs are cast to its dtype first, as SDPA's are.
+
+        Patterns with ``score`` / ``select`` lines (v1.1) take ``summaries=`` (from :meth:`summaries`;
+        built on the spot when omitted), ``eps=1e-3`` (softmax error bound, 0 < eps < 1; ReLU^alpha
+        is exact and ignores it), ``bias=0.0`` (ReLU^alpha bias; softmax ignores it) and
+        ``return_error=False``; with ``return_error=True`` they
+        return ``(out, err)``, ``err [B, Sq, Hq]`` float32 the certified total-variation bound
+        (see :mod:`spdsl.dynamic`). Not CUDA-graph safe (the block choice synchronizes).
         """
         q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
+        unknown = set(dynamic) - set(_DYNAMIC_DEFAULTS)
+        if unknown:
+            raise TypeError(f"decode() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        if self._dynamic:
+            return self._decode_dynamic(q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, dynamic)
+        if any(value != _DYNAMIC_DEFAULTS[k] for k, value in dynamic.items()):
+            raise TypeError(
+                f"{', '.join(sorted(dynamic))} apply only to patterns with score/select lines; "
+                f"pattern {self.pattern.name} has neither"
+            )
         if torch.compiler.is_compiling():
             out, lse = self._decode(q, k_cache, v_cache, cache_seqlens, block_table, scale)
         elif self._on_cpu(q):
@@ -119,6 +170,25 @@ class SparseAttention:
                 **self._kw,
             )
         return (out, lse) if return_lse else out
+
+    def _decode_dynamic(self, q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, options):
+        from . import dynamic
+
+        if return_lse:
+            raise ValueError("return_lse is not available for patterns with score/select lines; use return_error=True")
+        self.module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
+        opts = {**_DYNAMIC_DEFAULTS, **options}
+        dynamic.check_options(opts["eps"], opts["bias"])
+        s = opts["summaries"] if opts["summaries"] is not None else self.summaries(k_cache, cache_seqlens, block_table)
+        backend = None
+        if not self._on_cpu(q):
+            from .dynamic_kernels import TRITON as backend
+        sc = resolve_scale(scale, q.shape[-1])
+        out, err, _ = dynamic.decode(
+            self.pattern.ir, q, k_cache, v_cache, cache_seqlens, s, scale=sc, eps=opts["eps"], bias=opts["bias"],
+            block_table=block_table, backend=backend,
+        )  # fmt: skip
+        return (out, err) if opts["return_error"] else out
 
     def __repr__(self) -> str:
         return f"<spdsl op {self.op_name} from {self.path}>"

@@ -109,9 +109,9 @@ def _character_error(e: UnexpectedCharacters, text: str, filename: str) -> SpdEr
 
 # --- parser errors: Lark's view (state, expected terminals, value stack) -> plain words ------
 
-_KEYWORDS = {"PATTERN", "UNIT", "CAUSAL", "ATTEND"}
+_KEYWORDS = {"PATTERN", "UNIT", "CAUSAL", "ATTEND", "SCORE", "SELECT"}
 _OPERATORS = {"PLUS", "MINUS", "STAR", "PERCENT", "VBAR", "AMPERSAND"}
-_STATEMENTS = ("unit", "causal", "attend")
+_STATEMENTS = ("unit", "causal", "attend", "score", "select")
 _SET_OPS_HINT = "combine primitives with | (union), & (intersection) or - (difference), e.g. `sink(1) | local(8)`"
 
 
@@ -177,7 +177,7 @@ class _Context:
     def last_statement(self) -> str | None:
         """The keyword of the statement being parsed inside a body, if any."""
         for v in reversed(self.stack):
-            if _is(v, "UNIT", "ATTEND", "CAUSAL", "LBRACE"):
+            if _is(v, "UNIT", "ATTEND", "CAUSAL", "SCORE", "SELECT", "LBRACE"):
                 return v.value if v.type != "LBRACE" else None
         return None
 
@@ -202,6 +202,10 @@ def _after_token(ctx: _Context, got: str, expected) -> tuple[str, str | None] | 
         return f"expected an integer expression after 'unit', got {got}", "e.g. `unit 256` (tokens per pattern unit)"
     if kind == "ATTEND":
         return f"expected a set expression after 'attend', got {got}", "e.g. `attend sink(1) | local(8)`"
+    if kind == "SELECT":
+        return f"expected a set expression after 'select', got {got}", "e.g. `select all`"
+    if kind == "SCORE":
+        return f"expected a score function after 'score', got {got}", "e.g. `score relu(1)`"
     if kind == "EQUAL":
         name = ctx.stack[-2].value if len(ctx.stack) > 1 else "?"
         return f"expected the default value of parameter {name} after '=', got {got}", f"e.g. `{name} = 4`"
@@ -257,16 +261,16 @@ def _in_body(ctx: _Context, tok: Token, got: str, text: str) -> tuple[str, str |
     stmt = ctx.last_statement()
     if tok.type == "RPAR":
         return "unexpected ')' that closes nothing", "remove it, or add the matching '('"
-    if stmt == "attend" and _is(ctx.last, "NAME") and tok.type == "INT":
+    if stmt in ("attend", "select", "score") and _is(ctx.last, "NAME") and tok.type == "INT":
         return f"expected '(' before the arguments of {ctx.last.value}", f"write `{ctx.last.value}({tok.value})`"
-    if stmt == "attend" and tok.type in ("NAME", "LPAR") and not _is(ctx.last, "LBRACE", "SEMICOLON"):
+    if stmt in ("attend", "select") and tok.type in ("NAME", "LPAR") and not _is(ctx.last, "LBRACE", "SEMICOLON"):
         return f"expected '|', '&' or '-' before {got}", _SET_OPS_HINT
-    hint = "statements are `unit N`, `causal` and `attend EXPR`, one per line"
+    hint = "statements are `unit N`, `causal`, `attend EXPR`, `select EXPR` and `score relu(A)`, one per line"
     if tok.type == "NAME" and text[tok.end_pos :].lstrip().startswith("("):
         hint = f"to keep {tok.value}(...), write `attend {tok.value}(...)`"
     elif tok.type == "NAME":
         hint = did_you_mean(tok.value, _STATEMENTS) or hint
-    return f"expected a statement (unit, causal or attend) or '}}', got {got}", hint
+    return f"expected a statement (unit, causal, attend, select or score) or '}}', got {got}", hint
 
 
 def _complete(ctx: _Context, tok: Token, got: str, text: str) -> tuple[str, str | None] | None:
@@ -290,7 +294,7 @@ def _complete(ctx: _Context, tok: Token, got: str, text: str) -> tuple[str, str 
     if tok.type in ("RBRACE", "RPAR"):
         return f"unexpected '{tok.value}' outside any pattern", "remove it; it closes nothing"
     hint = "a .spd file holds `pattern NAME(PARAM = INT, ...) { ... }` blocks"
-    if tok.type in ("UNIT", "CAUSAL", "ATTEND"):
+    if tok.type in ("UNIT", "CAUSAL", "ATTEND", "SCORE", "SELECT"):
         hint = "statements belong inside a pattern: `pattern p() { ... }`"
     return f"expected 'pattern' to start a pattern definition, got {got}", hint
 
@@ -388,6 +392,12 @@ class _Build(Transformer):
 
     def attend(self, meta, children):
         return ast.Attend(children[0], **_span(meta))
+
+    def score(self, meta, children):
+        return ast.Score(children[0], **_span(meta))
+
+    def select(self, meta, children):
+        return ast.Select(children[0], **_span(meta))
 
     def call(self, meta, children):
         name = children[0]

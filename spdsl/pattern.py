@@ -54,7 +54,9 @@ class Pattern:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.ir.params.items())
         causal = "causal " if self.causal else ""
-        return f"<spdsl.Pattern {self.name}({params}) unit={self.unit} {causal}attend {self.ir.expr.text()}>"
+        extra = "" if self.ir.score is None else f" score {self.ir.score[0]}({self.ir.score[1]})"
+        extra += "" if self.ir.select is None else f" select {self.ir.select.text()}"
+        return f"<spdsl.Pattern {self.name}({params}) unit={self.unit} {causal}attend {self.ir.expr.text()}{extra}>"
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Pattern) and self.ir == other.ir

@@ -115,7 +115,21 @@ class Attend(Node):
     expr: SetExpr
 
 
-Stmt = Unit | Causal | Attend
+@dataclass(frozen=True)
+class Score(Node):
+    """``score FN(ARGS)`` (v1.1): the attention weights, e.g. ``score relu(2)``; checked by :mod:`spdsl.lower`."""
+
+    call: Call
+
+
+@dataclass(frozen=True)
+class Select(Node):
+    """``select EXPR`` (v1.1): candidate keys beyond ``attend``, computed only where a bound says they matter."""
+
+    expr: SetExpr
+
+
+Stmt = Unit | Causal | Attend | Score | Select
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ pattern dilated(w = 20, r = 1) { attend dilated(w, r) - band(-1, -1 + 0 * w // r
 """,
 ]
 
-KEYWORDS = {"pattern", "unit", "causal", "attend"}
-NAMES = [*prims.PRIMITIVES, "w", "s", "window", "x", "locl", "all"]
+KEYWORDS = {"pattern", "unit", "causal", "attend", "score", "select"}
+NAMES = [*prims.PRIMITIVES, "w", "s", "window", "x", "locl", "all", "relu"]
 
 
 def _name_strategy() -> st.SearchStrategy[str]:

@@ -392,3 +392,9 @@ def test_gpu_per_head_equals_each_pattern_alone(dtype):
             qi = torch.tensor([h for h, j in enumerate(heads) if j == i], device="cuda")
             want = single.decode(qd.index_select(2, qi), kc.index_select(2, qi // 4), vc.index_select(2, qi // 4), lens)
             torch.testing.assert_close(od[:, :, qi], want, **tol)
+
+
+def test_per_head_patterns_with_score_or_select_are_refused():
+    massive = spdsl.compile("pattern m { unit 4 causal attend local(1) select all }")
+    with pytest.raises(ValueError, match=r"score/select lines yet \(m\)"):
+        spdsl.build([POWER, massive], heads=[0, 1])

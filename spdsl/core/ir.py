@@ -291,26 +291,52 @@ MAX_NAME_LENGTH = 64
 class PatternIR:
     """A checked, normalized pattern: integers resolved, ready for layout and codegen."""
 
-    __slots__ = ("causal", "expr", "name", "params", "unit")
+    __slots__ = ("causal", "expr", "name", "params", "score", "select", "unit")
 
-    def __init__(self, name: str, unit: int, causal: bool, expr: Expr, params: dict[str, int] | None = None):
+    def __init__(
+        self,
+        name: str,
+        unit: int,
+        causal: bool,
+        expr: Expr,
+        params: dict[str, int] | None = None,
+        *,
+        score: tuple[str, int] | None = None,
+        select: Expr | None = None,
+    ):
         if not name.isidentifier():
             raise ValueError(f"pattern name must be an identifier, got {name!r}")
         if unit < 1:
             raise ValueError(f"unit must be >= 1, got {unit}")
+        if score is not None and (score[0] != "relu" or isinstance(score[1], bool) or int(score[1]) < 1):
+            raise ValueError(f"score must be ('relu', alpha) with an integer alpha >= 1, got {score!r}")
         self.name = name
         self.unit = int(unit)
         self.causal = bool(causal)
         self.expr = normalize(expr)
         self.params = dict(params or {})
+        self.score = None if score is None else ("relu", int(score[1]))  # None: softmax
+        self.select = None if select is None else normalize(select)  # v1.1 candidates beyond `expr`
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the pattern has v1.1 lines (``score``/``select``): its decode is content-aware."""
+        return self.score is not None or self.select is not None
 
     def text(self) -> str:
-        """Stable textual form: equal texts mean equal patterns (and equal hashes)."""
+        """Stable textual form: equal texts mean equal patterns (and equal hashes).
+
+        v1 patterns keep their v1 text; ``score`` and ``select`` lines appear only when present.
+        """
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         lines = [f"pattern {self.name}({params})", f"unit {self.unit}"]
         if self.causal:
             lines.append("causal")
         lines.append(f"attend {self.expr.text()}")
+        if self.score is not None:
+            lines.append(f"score {self.score[0]}({self.score[1]})")
+        if self.select is not None:
+            lines.append(f"select {self.select.text()}")
         return "\n".join(lines) + "\n"
 
     def hash(self) -> str:
@@ -319,7 +345,10 @@ class PatternIR:
     def __repr__(self) -> str:
         return (
             f"PatternIR({self.name!r}, unit={self.unit}, causal={self.causal}, "
-            f"expr={self.expr!r}, params={self.params!r})"
+            f"expr={self.expr!r}, params={self.params!r}"
+            + (f", score={self.score!r}" if self.score is not None else "")
+            + (f", select={self.select!r}" if self.select is not None else "")
+            + ")"
         )
 
     def __eq__(self, other) -> bool:
