@@ -394,3 +394,38 @@ def test_strategies_cover_every_primitive():
 def test_strategy_primitives_are_valid(prim):
     assert prim.check() == []
     assert type(prim) is prims.PRIMITIVES[prim.name]
+
+
+# --------------------------------------------------------------------------------------------
+# restrict_csr: a new square length cut from a longer square's layout (the generated module's buckets)
+
+
+@settings(max_examples=n_examples(60), deadline=None)
+@given(pattern_irs(), st.integers(1, 300), st.integers(0, 200), blocks, blocks)
+def test_restrict_csr_equals_a_fresh_layout(ir_, length, extra, bq, bk):
+    from spdsl.core.layout import restrict_csr
+
+    parent = build_csr(ir_, length + extra, length + extra, bq, bk, 0)
+    got = restrict_csr(ir_, parent, length, bq, bk)
+    want = build_csr(ir_, length, length, bq, bk, 0)
+    for g, w, name in zip(got, want, ("kv_ptr", "kv_idx", "kv_full")):
+        assert torch.equal(g, w), name
+
+
+def test_the_module_cuts_new_lengths_from_its_bucket(monkeypatch):
+    """Above _BUCKET_FROM a square prefill length reuses the next power of two's layout, exactly."""
+    import spdsl
+
+    op = spdsl.build(spdsl.compile("pattern pw { unit 64 causal attend sink(1) | local(3) | powers(2) }"))
+    m = op.module
+    m._seq_layout.cache_clear()
+    calls = []
+    real = m.build_csr
+    monkeypatch.setattr(m, "build_csr", lambda *a: calls.append(a[1:3]) or real(*a))
+    for n in (5000, 6001, 8000, 8192):
+        got = m._seq_layout(n, n, 0, 128, 128, 0)  # (as _csr calls it: the cache key holds 6 arguments)
+        want = real(m.PATTERNS[0], n, n, 128, 128, 0)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), n
+    assert calls == [(8192, 8192)]  # one layout for the bucket, every other length cut from it
+    m._seq_layout(1000, 1000, 0, 128, 128, 0)  # below _BUCKET_FROM: its own layout
+    assert calls[-1] == (1000, 1000)

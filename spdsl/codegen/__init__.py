@@ -35,7 +35,14 @@ __all__ = [
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Core names the host templates call.
-HOST_ROOTS = {"build_csr", "transpose_csr", "resolve_q_offset", "check_qkv", "resolve_scale"}
+HOST_ROOTS = {
+    "build_csr",
+    "restrict_csr",
+    "transpose_csr",
+    "resolve_q_offset",
+    "check_qkv",
+    "resolve_scale",
+}
 #: Names the module template imports itself.
 MODULE_IMPORTS = {"functools", "math", "os", "sys", "time", "torch", "triton", "tl", "SimpleNamespace"}
 

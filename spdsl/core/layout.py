@@ -77,18 +77,49 @@ def build_csr(ir: PatternIR, q_len: int, kv_len: int, block_q: int, block_kv: in
     step = torch.arange(int(count.sum()), dtype=_I64) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
     keys = torch.unique(start + step)
     row, tile = keys // nk, keys % nk
+    seen, full = _decide(ir, row, tile, *geometry)
+    return _pack(row[seen], tile[seen], full[seen], nq)
+
+
+def _decide(ir: PatternIR, row, tile, q_len: int, kv_len: int, block_q: int, block_kv: int, q_offset: int):
+    """(seen, full) of tiles (row, tile): some key visible / every in-range key visible (exact)."""
     p0, p1, _ = _q_tiles(ir, row, q_len, kv_len, block_q, q_offset)
     k0 = tile * block_kv
     k1 = torch.clamp(k0 + block_kv, max=kv_len) - 1
-    seen = torch.zeros(keys.numel(), dtype=torch.bool)
-    hidden = torch.zeros(keys.numel(), dtype=torch.bool)
+    seen = torch.zeros(row.numel(), dtype=torch.bool)
+    hidden = torch.zeros(row.numel(), dtype=torch.bool)
     for r in refine(ir, p0, p1, k0, k1, causal=ir.causal, live=lambda r: ~(seen[r.origin] & hidden[r.origin])):
         seen[r.origin[r.proven & r.any]] = True
         hidden[r.origin[r.proven & ~r.all]] = True
-    row, tile, full = row[seen], tile[seen], ~hidden[seen]
+    return seen, ~hidden
+
+
+def _pack(row, tile, full, nq: int):
     kv_ptr = torch.zeros(nq + 1, dtype=_I64)
     kv_ptr[1:] = torch.cumsum(torch.bincount(row, minlength=nq), 0)
     return kv_ptr.to(torch.int32), tile.to(torch.int32), full
+
+
+def restrict_csr(ir: PatternIR, csr, length: int, block_q: int, block_kv: int):
+    """The tile CSR of a square prefill (``q_len = kv_len = length``, ``q_offset`` 0) from ``csr``, the
+    one of a longer square: positions are absolute, so the shorter square's tiles are the longer
+    one's inside it, the same except the tiles its end cuts, which are decided again. O(nnz).
+    """
+    kv_ptr, kv_idx, kv_full = csr
+    nq, nk = -(-length // block_q), -(-length // block_kv)
+    counts = (kv_ptr[1 : nq + 1] - kv_ptr[:nq]).long()
+    row = torch.repeat_interleave(torch.arange(nq, dtype=_I64), counts)
+    n = row.numel()
+    tile, full = kv_idx[:n].long(), kv_full[:n].clone()
+    inside = tile < nk
+    row, tile, full = row[inside], tile[inside], full[inside]
+    cut = ((row == nq - 1) & (length % block_q != 0)) | ((tile == nk - 1) & (length % block_kv != 0))
+    if bool(cut.any()):
+        seen, full[cut] = _decide(ir, row[cut], tile[cut], length, length, block_q, block_kv, 0)
+        keep = torch.ones_like(cut)
+        keep[cut] = seen
+        row, tile, full = row[keep], tile[keep], full[keep]
+    return _pack(row, tile, full, nq)
 
 
 def transpose_csr(kv_ptr: torch.Tensor, kv_idx: torch.Tensor, kv_full: torch.Tensor, n_kv_tiles: int):
