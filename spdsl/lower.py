@@ -212,13 +212,7 @@ class _Lowering:
         call = stmt.call
         hint = "the score function is `relu(alpha)` with an integer alpha >= 1, e.g. `score relu(2)`"
         if call.name != "relu":
-            name_node = ast.Name(
-                call.name,
-                line=call.line,
-                column=call.column,
-                end_line=call.line,
-                end_column=call.name_end_column or call.column + len(call.name),
-            )
+            name_node = _name_node(call)
             close = did_you_mean(call.name, ["relu"])
             raise self.error(name_node, f"unknown score function '{call.name}'", hint=close or hint)
         if len(call.args) != 1:
@@ -250,13 +244,7 @@ class _Lowering:
 
     def lower_call(self, call: ast.Call) -> ir.Primitive:
         cls = PRIMITIVES.get(call.name)
-        name_node = ast.Name(
-            call.name,
-            line=call.line,
-            column=call.column,
-            end_line=call.line,
-            end_column=call.name_end_column or call.column + len(call.name),
-        )
+        name_node = _name_node(call)
         if cls is None:
             raise self.error(name_node, f"unknown primitive '{call.name}'", hint=self.unknown_hint(call.name))
         want = len(cls.arg_names)
@@ -318,6 +306,17 @@ def _check_patterns(program: ast.Program, text: str, filename: str) -> None:
                 hint=f"the first is at line {first.line}:{first.column}; rename one",
             )
         seen[pdef.name] = pdef
+
+
+def _name_node(call: ast.Call) -> ast.Name:
+    """The call's name as a node, located (for errors that point at it)."""
+    return ast.Name(
+        call.name,
+        line=call.line,
+        column=call.column,
+        end_line=call.line,
+        end_column=call.name_end_column or call.column + len(call.name),
+    )
 
 
 def _select(program: ast.Program, pattern: str | None, filename: str) -> ast.PatternDef:
