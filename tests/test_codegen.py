@@ -500,3 +500,33 @@ def test_a_long_pattern_name_is_refused_where_it_is_written():
     assert "long.spd:1:" in str(e.value)
     p = spdsl.compile(f"pattern {'p' * 64}() {{ attend local(2) }}")  # the longest allowed still renders
     assert "p" * 64 in render_module(BuildSpec(p.ir, p.source))
+
+
+def test_the_tuner_keeps_the_fastest_config_and_skips_broken_ones(power_module, monkeypatch):
+    """The first-call tuner (CUDA only; faked here): every config that compiles is timed in rounds,
+    the fastest kept per (head dim, dtype, device); one that fails to compile is skipped with a warning."""
+    import time
+    import types
+
+    module, _ = power_module
+    configs = [dict(name="slow"), dict(name="broken"), dict(name="fast")]
+    monkeypatch.setattr(module, "CONFIGS", configs)
+    monkeypatch.setattr(module.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(module.torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg["name"])
+        if cfg["name"] == "broken":
+            raise RuntimeError("out of shared memory")
+        time.sleep(0.002 if cfg["name"] == "slow" else 0.0002)
+
+    class FakeCuda:  # hashable, like torch.device
+        type = "cuda"
+
+    q = types.SimpleNamespace(shape=(1, 1, 1, 48), dtype=torch.float16, device=FakeCuda())
+    with pytest.warns(UserWarning, match="out of shared memory"):
+        assert module._pick_config(q, run)["name"] == "fast"
+    assert calls.count("broken") == 1 and calls.count("slow") == calls.count("fast") == 1 + 3 * 3
+    assert module._pick_config(q, run)["name"] == "fast" and len(calls) == 21  # chosen once
+    module._TUNED.pop((False, 48, torch.float16, q.device))
