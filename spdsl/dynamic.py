@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .core.ir import PatternIR, TorchOps
+from .core.limits import require
 from .summaries import KeySummaries, box_bound, gather_rows
 
 #: Select blocks per (sequence, KV head) computed in the softmax path's first round (then doubling).
@@ -45,6 +46,7 @@ __all__ = [
     "candidate_blocks",
     "check_options",
     "decode",
+    "prefill",
     "run_blocks_torch",
     "weights_log",
 ]
@@ -164,6 +166,37 @@ def decode(
         err = torch.where(torch.isinf(dropped), 0.0, torch.exp(dropped - total)).float()
     out = o.view(B, Hkv, G, Sq, -1).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, -1).to(q.dtype)
     return out, err.permute(0, 3, 1, 2).reshape(B, Sq, Hq), chosen
+
+
+def prefill(
+    ir: PatternIR, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, eps: float = 1e-3,
+    bias: float = 0.0, block_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Certified prefill: :func:`decode` with every query row at once (queries are the last ``Sq`` of
+    the ``Skv`` keys), on the torch backend, whatever the device.
+
+    The guarantee is the decode's, per row; the block choice is per (sequence, KV head) over all
+    rows, so it skips less than a per-q-tile choice would, and the token masks are ``[B, Sq, Skv]``
+    (refused above the ``dense`` limit). A tiled prefill kernel is still to do.
+
+    Parameters
+    ----------
+    q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` (checked by the op); scale, eps, bias: as decode.
+
+    Returns
+    -------
+    ``(out [B, Hq, Sq, Dv], err [B, Hq, Sq] float32)``.
+    """
+    B, _, Sq, _ = q.shape
+    Skv = k.shape[2]
+    padded = -(-Skv // block_size) * block_size
+    require("dense", B * Sq * padded, f"the certified prefill's token masks of {Sq:,} x {Skv:,}",
+            "prefill shorter chunks (op.decode with several queries per sequence is the same computation)")  # fmt: skip
+    kc, vc = (t.transpose(1, 2).contiguous() for t in (k, v))
+    seqlens = torch.full((B,), Skv, dtype=torch.int32, device=q.device)
+    s = KeySummaries(kc, seqlens, None, block_size)
+    out, err, _ = decode(ir, q.transpose(1, 2), kc, vc, seqlens, s, scale=scale, eps=eps, bias=bias)
+    return out.transpose(1, 2), err.transpose(1, 2)
 
 
 def _top_p(run, attend_blk, logc, log_ratio: float):

@@ -58,15 +58,20 @@ class SparseAttention:
         self._kw = {} if heads is None else {"heads": self.heads}  # what the module's functions take
         self._fwd, self._decode = _register(self.op_name, self.patterns, self.heads, module)
 
-    def __call__(self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False):
+    def __call__(
+        self, q, k, v, scale: float | None = None, q_offset: int | None = None, return_lse: bool = False, **dynamic
+    ):
         """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> out (and LSE [B, Hq, Sq] in natural log).
 
         Differentiable in q, k and v (and through LSE when it is returned). Under ``torch.autocast``
-        the inputs are cast to its dtype first, as SDPA's are.
+        the inputs are cast to its dtype first, as SDPA's are. Patterns with ``score`` / ``select``
+        lines take ``eps``, ``bias`` and ``return_error`` as :meth:`decode` does (forward only; see
+        :func:`spdsl.dynamic.prefill`).
         """
-        self._static_only("op(q, k, v)")
         q, k, v = _autocast(q, k, v)
         self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        if self._dynamic or dynamic:
+            return self._prefill_dynamic(q, k, v, scale, q_offset, return_lse, dynamic)
         check_count(self.heads, q.shape[1])
         if q_offset is not None:
             q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
@@ -170,6 +175,29 @@ class SparseAttention:
                 **self._kw,
             )
         return (out, lse) if return_lse else out
+
+    def _prefill_dynamic(self, q, k, v, scale, q_offset, return_lse, options):
+        from . import dynamic
+
+        unknown = set(options) - (set(_DYNAMIC_DEFAULTS) - {"summaries"})
+        if unknown:
+            raise TypeError(f"op() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        if not self._dynamic:
+            raise TypeError(f"{', '.join(sorted(options))} apply only to patterns with score/select lines")
+        if return_lse:
+            raise ValueError("return_lse is not available for patterns with score/select lines; use return_error=True")
+        if q_offset is not None and resolve_q_offset(q_offset, q.shape[2], k.shape[2]) != k.shape[2] - q.shape[2]:
+            raise NotImplementedError(
+                "patterns with score/select lines take the default q_offset (kv_len - q_len) only"
+            )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise NotImplementedError("patterns with score/select lines have no backward yet (forward only)")
+        opts = {**_DYNAMIC_DEFAULTS, **options}
+        dynamic.check_options(opts["eps"], opts["bias"])
+        sc = resolve_scale(scale, q.shape[-1])
+        out, err = dynamic.prefill(self.pattern.ir, q, k, v, scale=sc, eps=opts["eps"], bias=opts["bias"])
+        out = out.to(q.dtype)
+        return (out, err) if opts["return_error"] else out
 
     def _decode_dynamic(self, q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, options):
         from . import dynamic

@@ -147,7 +147,7 @@ def test_errors(build):
     with pytest.raises(TypeError):
         op.decode(q.double(), k, v, lengths, summaries=s)
     with pytest.raises(NotImplementedError, match="decode first"):
-        op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        op.varlen(q[0], k[0], v[0], None, None, 1, 160)
     static = build("pattern w() { causal attend local(4) }")
     with pytest.raises(TypeError, match="only to patterns with score/select"):
         static.decode(q, k, v, lengths, summaries=s)
