@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .core.ir import PatternIR, TorchOps
-from .core.limits import require
+from .core.limits import limit, require
 from .summaries import KeySummaries, box_bound, gather_rows
 
 #: Select blocks per (sequence, KV head) computed in the softmax path's first round (then doubling).
@@ -69,11 +69,13 @@ def check_options(eps, bias) -> None:
         raise ValueError(f"eps must lie strictly between 0 and 1, got {eps}")
 
 
-def _token_masks(ir: PatternIR, seqlens: torch.Tensor, Sq: int, length: int):
+def _token_masks(ir: PatternIR, seqlens: torch.Tensor, Sq: int, length: int, q_start=None):
     """bool ``[B, Sq, length]`` for attend and for the candidates (attend ∪ select), cut by causal
-    and by each cache's length; query ``j`` of sequence ``b`` sits at ``seqlens[b] - Sq + j``."""
+    and by each cache's length; query ``j`` of sequence ``b`` sits at ``q_start[b] + j`` (default
+    ``seqlens[b] - Sq``)."""
     n = seqlens.to(torch.int64)[:, None, None]
-    pos = n - Sq + torch.arange(Sq, device=seqlens.device)[None, :, None]
+    first = n - Sq if q_start is None else q_start.to(torch.int64)[:, None, None]
+    pos = first + torch.arange(Sq, device=seqlens.device)[None, :, None]
     keys = torch.arange(length, device=seqlens.device)[None, None, :]
     live = keys < n
     if ir.causal:
@@ -108,6 +110,7 @@ def decode(
     block_table=None,
     backend: Backend | None = None,
     topk: int | None = None,
+    q_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified decode over ``attend ∪ select`` (inputs already checked by the op).
 
@@ -120,6 +123,8 @@ def decode(
     topk: a heuristic baseline instead of the certificate (benchmarks): per (sequence, KV head) the
         attend blocks and the ``topk`` select blocks of highest bound (Quest-style); ``err`` is NaN.
         ``topk >= NB`` reads every candidate block (exact).
+    q_start: int ``[B]``, the position of each sequence's first query (default ``cache_seqlens - Sq``,
+        the decode convention; :func:`prefill` passes chunks of rows; torch backend only).
 
     Returns
     -------
@@ -133,11 +138,13 @@ def decode(
         )
     summaries.check(k_cache, cache_seqlens, block_table)
     backend = backend or TORCH
+    if q_start is not None and backend is not TORCH:
+        raise ValueError("q_start is supported by the torch backend only")
     B, Sq, Hq, D = q.shape
     Hkv, bs, NB = k_cache.shape[2], summaries.block_size, summaries.num_blocks
     G = Hq // Hkv
     rows = q.reshape(B, Sq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Sq, D)  # row g * Sq + j
-    attend_tok, cand_tok = _token_masks(ir, cache_seqlens, Sq, NB * bs)
+    attend_tok, cand_tok = _token_masks(ir, cache_seqlens, Sq, NB * bs, q_start)
     count = cand_tok.view(B, Sq, NB, bs).sum(-1)  # candidate keys per (row, block)
     attend_blk = attend_tok.view(B, Sq, NB, bs).any(-1).any(1)[:, None].expand(B, Hkv, NB)
     select_row = (count > 0)[:, None, None] & ~attend_blk[:, :, None, None]  # [B, Hkv, 1, Sq, NB]
@@ -172,12 +179,13 @@ def prefill(
     ir: PatternIR, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, eps: float = 1e-3,
     bias: float = 0.0, block_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Certified prefill: :func:`decode` with every query row at once (queries are the last ``Sq`` of
-    the ``Skv`` keys), on the torch backend, whatever the device.
+    """Certified prefill: :func:`decode` over chunks of query rows (queries are the last ``Sq`` of
+    the ``Skv`` keys), on the torch backend, whatever the device; one set of key summaries.
 
-    The guarantee is the decode's, per row; the block choice is per (sequence, KV head) over all
-    rows, so it skips less than a per-q-tile choice would, and the token masks are ``[B, Sq, Skv]``
-    (refused above the ``dense`` limit). A tiled prefill kernel is still to do.
+    The guarantee is the decode's, per row. The block choice is per (sequence, KV head) and chunk
+    of rows -- as many rows as keep the chunk's ``[B, rows, Skv]`` token masks and scores within
+    the ``dense`` limit -- so it skips less than a per-q-tile choice would; a tiled prefill kernel
+    is still to do.
 
     Parameters
     ----------
@@ -187,16 +195,22 @@ def prefill(
     -------
     ``(out [B, Hq, Sq, Dv], err [B, Hq, Sq] float32)``.
     """
-    B, _, Sq, _ = q.shape
+    B, Hq, Sq, _ = q.shape
     Skv = k.shape[2]
     padded = -(-Skv // block_size) * block_size
-    require("dense", B * Sq * padded, f"the certified prefill's token masks of {Sq:,} x {Skv:,}",
-            "prefill shorter chunks (op.decode with several queries per sequence is the same computation)")  # fmt: skip
+    chunk = max(1, min(Sq, limit("dense") // max(1, B * Hq * padded)))
+    require("dense", B * Hq * chunk * padded, f"the certified prefill's scores of {chunk:,} rows x {Skv:,} keys",
+            "use fewer query heads or a shorter sequence")  # fmt: skip
     kc, vc = (t.transpose(1, 2).contiguous() for t in (k, v))
     seqlens = torch.full((B,), Skv, dtype=torch.int32, device=q.device)
     s = KeySummaries(kc, seqlens, None, block_size)
-    out, err, _ = decode(ir, q.transpose(1, 2), kc, vc, seqlens, s, scale=scale, eps=eps, bias=bias)
-    return out.transpose(1, 2), err.transpose(1, 2)
+    qs, outs, errs = q.transpose(1, 2), [], []
+    for a in range(0, Sq, chunk):
+        start = torch.full((B,), Skv - Sq + a, dtype=torch.int64, device=q.device)
+        o, e, _ = decode(ir, qs[:, a : a + chunk], kc, vc, seqlens, s, scale=scale, eps=eps, bias=bias, q_start=start)
+        outs.append(o)
+        errs.append(e)
+    return torch.cat(outs, 1).transpose(1, 2), torch.cat(errs, 1).transpose(1, 2)
 
 
 def _top_p(run, attend_blk, logc, log_ratio: float):

@@ -96,3 +96,24 @@ def test_prefill_refusals(build):
     static = build("pattern w() { causal attend local(4) }")
     with pytest.raises(TypeError, match="only to patterns with score/select"):
         static(q, k, v, eps=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [None, 2])
+def test_prefill_in_chunks_of_rows_keeps_the_guarantee(build, alpha):
+    """A small ``dense`` limit makes the prefill take its rows a few at a time (each chunk chooses
+    its own blocks); the result is still exact (ReLU^alpha) or certified (softmax)."""
+    from spdsl.limits import override
+
+    op = build(pattern_text("strided", alpha))
+    q, k, v, lengths, (qh, kh, vh) = prefill_inputs("hot", 5, 96)
+    B, Hq = qh.shape[:2]
+    with override(dense=B * Hq * 160 * 7):  # 7 rows per chunk (160 keys, blocks of 64 -> 192 padded: 5)
+        out, err = op(qh, kh, vh, eps=1e-3, return_error=True)
+    ref = dref.attention(op.pattern, qh, kh, vh)
+    if alpha is not None:
+        assert float((out.double() - ref).abs().sub(relu_tol(op.pattern, qh, kh, vh, alpha, 0.0)).max()) <= 0
+    else:
+        vr = value_range(op.pattern, v, lengths, 96, q.shape[2])
+        check_certificate(out.transpose(1, 2), err.transpose(1, 2), ref.transpose(1, 2), vr, 1e-3, fp32_tol(q, k))
+    with override(dense=B * Hq * 100), pytest.raises(spdsl.SpdError, match="certified prefill"):
+        op(qh, kh, vh)
