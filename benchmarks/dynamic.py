@@ -11,8 +11,11 @@ certificate (``spdsl_ms``) and of the same kernels reading every candidate block
 the certified bound ``err_bound`` (max over rows) and the measured error ``err_measured`` against
 fp32 exact attention (max over rows and coordinates of ``|o - exact| / value range``), and a
 Quest-style top-K over the same summaries at the same number of blocks (``topk_err``, no
-certificate). Wall-clock ms, synchronized: the block choice synchronizes with the host. Prefill of
-dynamic patterns is not implemented yet, so there are no prefill rows.
+certificate). Wall-clock ms, synchronized: the block choice synchronizes with the host.
+Prefill rows (``--prefill-seq``, B1): ``op(q, k, v, eps=)`` on the same kinds of data with every
+position a query (the certified prefill: the decode over chunks of rows, torch backend), against
+spdsl's dense causal kernel (``causal.spd``: every candidate block, since ``select all``) as
+``full_ms``; ``err_measured`` on the last 64 rows against that kernel in fp32.
 Writes benchmarks/results/dynamic.json (or --out). Needs CUDA.
 """
 
@@ -41,14 +44,14 @@ PATTERN = """pattern massive(window = 4, sinks = 1) {
 }"""
 
 
-def make_data(kind, conc, B, S, Hq, Hkv, D, dtype, seed, device="cuda", noise=0.3):
-    """q [B, 1, Hq, D], caches [B, S, Hkv, D]: i.i.d. Gaussian, or clustered (a fraction ``conc`` of
+def make_data(kind, conc, B, S, Hq, Hkv, D, dtype, seed, device="cuda", noise=0.3, nq=1):
+    """q [B, nq, Hq, D], caches [B, S, Hkv, D]: i.i.d. Gaussian, or clustered (a fraction ``conc`` of
     the 64-token blocks drawn around the queries' cluster, the rest around 63 others; keys and
     queries are their center plus ``noise`` x Gaussian per channel)."""
     g = torch.Generator(device=device).manual_seed(seed)
     v = torch.randn(B, S, Hkv, D, device=device, generator=g)
     if kind == "iid":
-        q = torch.randn(B, 1, Hq, D, device=device, generator=g)
+        q = torch.randn(B, nq, Hq, D, device=device, generator=g)
         k = torch.randn(B, S, Hkv, D, device=device, generator=g)
         return q.to(dtype), k.to(dtype), v.to(dtype)
     centers = torch.randn(Hkv, 64, D, device=device, generator=g)
@@ -58,8 +61,8 @@ def make_data(kind, conc, B, S, Hq, Hkv, D, dtype, seed, device="cuda", noise=0.
     cluster = cluster.repeat_interleave(64, 1)[:, :S]  # [B, S]
     k = centers[torch.arange(Hkv, device=device)[None, None], cluster[..., None]]  # [B, S, Hkv, D]
     k = k + noise * torch.randn(B, S, Hkv, D, device=device, generator=g)
-    q = centers[:, 0].repeat_interleave(Hq // Hkv, 0)[None, None].expand(B, 1, Hq, D)
-    q = q + noise * torch.randn(B, 1, Hq, D, device=device, generator=g)
+    q = centers[:, 0].repeat_interleave(Hq // Hkv, 0)[None, None].expand(B, nq, Hq, D)
+    q = q + noise * torch.randn(B, nq, Hq, D, device=device, generator=g)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -134,6 +137,33 @@ def run_case(op, args, kind, conc, B, S, rows, backend, timer=timed) -> None:
     )
 
 
+def run_prefill(op, dense, args, kind, conc, S, rows, timer=timed) -> None:
+    """One prefill row (B1): certified ``op(q, k, v, eps=)`` vs the dense causal kernel."""
+    Hq, Hkv, D, dtype = args.q_heads, args.kv_heads, args.head_dim, getattr(torch, args.dtype)
+    q, k, v = make_data(kind, conc, 1, S, Hq, Hkv, D, dtype, S + 7, args.device, args.noise, nq=S)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    out, err = op(q, k, v, eps=args.eps, return_error=True)
+    ref = dense(q.float(), k.float(), v.float())
+    vf = v.float().repeat_interleave(Hq // Hkv, 1)[0]  # [Hq, S, D]: causal value range of the last rows
+    last = torch.arange(S - 64, S, device=q.device)
+    vrange = torch.stack([vf[:, : int(i) + 1].amax(1) - vf[:, : int(i) + 1].amin(1) for i in last], 1)
+    err_measured = float(((out[0, :, last].float() - ref[0, :, last]).abs() / vrange.clamp(min=1e-12)).max())
+    row = {
+        "phase": "prefill", "data": kind if kind == "iid" else f"clustered_{conc:g}", "seq": S, "batch": 1,
+        "eps": args.eps, "noise": None if kind == "iid" else args.noise, "blocks_read_frac": None,
+        "spdsl_ms": timer(lambda: op(q, k, v, eps=args.eps), args.prefill_reps, 1),
+        "full_ms": timer(lambda: dense(q, k, v), args.reps, 3),
+        "err_bound": float(err.max()), "err_measured": err_measured, "topk_err": None,
+    }  # fmt: skip
+    tol = 1e-2 if dtype != torch.float32 else 1e-5
+    row["correct"] = bool(torch.isfinite(out).all()) and row["err_bound"] <= args.eps
+    row["correct"] &= err_measured <= row["err_bound"] + tol
+    row["speedup_vs_full"] = row["full_ms"] / row["spdsl_ms"]
+    rows.append(row)
+    print(f"  prefill {row['data']:16s} {S:8d} spdsl {row['spdsl_ms']:.1f} ms dense causal {row['full_ms']:.2f} ms "
+          f"bound {row['err_bound']:.1e} measured {err_measured:.1e} {'ok' if row['correct'] else 'WRONG'}", flush=True)  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 131072], help="cache lengths")
@@ -147,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--concentrations", type=float, nargs="+", default=[0.01, 0.05, 0.2])
     ap.add_argument("--noise", type=float, default=0.3, help="per-channel spread of clustered keys around their center")
     ap.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+    ap.add_argument("--prefill-seq", type=int, nargs="*", default=[32768], help="prefill lengths (B1); none: skip")
+    ap.add_argument("--prefill-reps", type=int, default=3, help="timed calls of the certified prefill")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the CI smoke test only
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dynamic.json"))
     return ap.parse_args(argv)
@@ -167,7 +199,14 @@ def main(argv=None) -> int:
         for conc in args.concentrations:
             run_case(op, args, "clustered", conc, args.batch, S, rows, TRITON)
             torch.cuda.empty_cache()
-    write_results(args.out, rows, notes="decode only: prefill of score/select patterns is not implemented yet")
+    dense = spdsl.build(spdsl.load(ROOT / "patterns" / "causal.spd"))
+    for S in args.prefill_seq:
+        for kind, conc in [("iid", 0.0)] + [("clustered", c) for c in args.concentrations]:
+            run_prefill(op, dense, args, kind, conc, S, rows)
+            torch.cuda.empty_cache()
+    write_results(
+        args.out, rows, notes="prefill rows: the certified prefill runs on the torch backend (no tiled kernel yet)"
+    )
     print(f"wrote {args.out}")
     return 0 if all(r["correct"] for r in rows) else 1
 

@@ -34,3 +34,20 @@ def test_one_row_on_cpu(kind, conc):
     (row,) = rows
     assert row["correct"] and 0 < row["blocks_read_frac"] <= 1 and row["err_bound"] <= args.eps
     assert set(row) >= {"phase", "data", "seq", "batch", "eps", "spdsl_ms", "full_ms", "err_measured", "topk_err"}
+
+
+@pytest.mark.parametrize("kind, conc", [("iid", 0.0), ("clustered", 0.05)])
+def test_one_prefill_row_on_cpu(kind, conc):
+    args = bench.parse_args(["--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32"])
+    args.device = "cpu"
+    rows = []
+    op = spdsl.build(spdsl.compile(bench.PATTERN.replace("unit 64", "unit 16")))
+    dense = spdsl.build(spdsl.compile("pattern c { unit 16 causal attend all }"))
+
+    def once(fn, reps, warm=1):
+        fn()
+        return 1.0
+
+    bench.run_prefill(op, dense, args, kind, conc, 200, rows, timer=once)
+    (row,) = rows
+    assert row["phase"] == "prefill" and row["correct"] and row["err_bound"] <= args.eps
