@@ -182,6 +182,10 @@ def prefill(
     """Certified prefill: :func:`decode` over chunks of query rows (queries are the last ``Sq`` of
     the ``Skv`` keys), on the torch backend, whatever the device; one set of key summaries.
 
+    Differentiable in q, k and v through torch's autograd (the gradient of what is computed: the
+    blocks read; the block choice itself is not differentiated); the backward keeps every chunk's
+    scores, ``B·Hq·Sq·Skv`` floats, so it is refused above the ``dense`` limit.
+
     The guarantee is the decode's, per row. The block choice is per (sequence, KV head) and chunk
     of rows -- as many rows as keep the chunk's ``[B, rows, Skv]`` token masks and scores within
     the ``dense`` limit -- so it skips less than a per-q-tile choice would; a tiled prefill kernel
@@ -201,9 +205,12 @@ def prefill(
     chunk = max(1, min(Sq, limit("dense") // max(1, B * Hq * padded)))
     require("dense", B * Hq * chunk * padded, f"the certified prefill's scores of {chunk:,} rows x {Skv:,} keys",
             "use fewer query heads or a shorter sequence")  # fmt: skip
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        require("dense", B * Hq * Sq * padded, f"the certified prefill's backward ({Sq:,} x {Skv:,} scores kept)",
+                "train with shorter sequences, or run the forward under torch.no_grad()")  # fmt: skip
     kc, vc = (t.transpose(1, 2).contiguous() for t in (k, v))
     seqlens = torch.full((B,), Skv, dtype=torch.int32, device=q.device)
-    s = KeySummaries(kc, seqlens, None, block_size)
+    s = KeySummaries(kc.detach(), seqlens, None, block_size)
     qs, outs, errs = q.transpose(1, 2), [], []
     for a in range(0, Sq, chunk):
         start = torch.full((B,), Skv - Sq + a, dtype=torch.int64, device=q.device)

@@ -190,8 +190,6 @@ class SparseAttention:
             raise NotImplementedError(
                 "patterns with score/select lines take the default q_offset (kv_len - q_len) only"
             )
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise NotImplementedError("patterns with score/select lines have no backward yet (forward only)")
         opts = {**_DYNAMIC_DEFAULTS, **options}
         dynamic.check_options(opts["eps"], opts["bias"])
         sc = resolve_scale(scale, q.shape[-1])

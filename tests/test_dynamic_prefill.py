@@ -85,8 +85,6 @@ def test_prefill_refusals(build):
     with pytest.raises(NotImplementedError, match="default q_offset"):
         op(q, k, v, q_offset=0)
     assert op(q, k, v, q_offset=k.shape[2] - q.shape[2]).shape == q.shape  # the default, spelled out
-    with pytest.raises(NotImplementedError, match="no backward"):
-        op(q.clone().requires_grad_(True), k, v)
     with pytest.raises(TypeError, match="unexpected keyword"):
         op(q, k, v, summaries=None)
     with pytest.raises(ValueError, match="eps"):
@@ -117,3 +115,32 @@ def test_prefill_in_chunks_of_rows_keeps_the_guarantee(build, alpha):
         check_certificate(out.transpose(1, 2), err.transpose(1, 2), ref.transpose(1, 2), vr, 1e-3, fp32_tol(q, k))
     with override(dense=B * Hq * 100), pytest.raises(spdsl.SpdError, match="certified prefill"):
         op(qh, kh, vh)
+
+
+@pytest.mark.parametrize("alpha", [1, 2, None])
+@pytest.mark.parametrize("name", ["massive", "noselect", "bidir"])
+def test_prefill_backward_matches_fp64_autograd(build, alpha, name):
+    """ReLU^alpha (static, or with select) and certified softmax prefill are differentiable: the
+    gradients are those of the blocks read, which for ReLU^alpha are all that matter (exact), and
+    for softmax differ from the exact ones by about the certified error."""
+    if name == "noselect" and alpha is None:
+        pytest.skip("no score, no select: a static pattern (tests/test_backward_*)")
+    op = build(pattern_text(name, alpha))
+    _, _, _, _, (q, k, v) = prefill_inputs("gaussian", 11, 48)
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    g = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(2))
+    out = op(q, k, v, eps=1e-6)
+    (out * g).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    (dref.attention(op.pattern, q64, k64, v64) * g.double()).sum().backward()
+    for got, want, what in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv")):
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=2e-4, msg=what)
+
+
+def test_prefill_backward_memory_is_refused_above_the_limit(build):
+    from spdsl.limits import override
+
+    op = build(pattern_text("massive", 2))
+    _, _, _, _, (q, k, v) = prefill_inputs("gaussian", 0, 64)
+    with override(dense=q.shape[0] * q.shape[1] * 64 * 192 - 1), pytest.raises(spdsl.SpdError, match="backward"):
+        op(q.requires_grad_(True), k, v)
