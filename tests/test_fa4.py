@@ -179,11 +179,12 @@ def test_gpu_fa4_matches_reference(name, q_len, kv_len, off, hq, hkv):
     q = torch.randn(2, hq, q_len, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(2, hkv, kv_len, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), q_offset=off)
-    out = op(q, k, v, q_offset=off)
+    out, lse = op(q, k, v, q_offset=off, return_lse=True)
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() < 2e-2
-    visible = p.dense_mask(q_len, kv_len, q_offset=off).any(1)
-    assert (out[:, :, ~visible.cuda()] == 0).all()  # empty rows are zeros, not NaN
+    visible = p.dense_mask(q_len, kv_len, q_offset=off).any(1).cuda()
+    assert (out[:, :, ~visible] == 0).all()  # empty rows are zeros, not NaN
+    assert torch.isneginf(lse[:, :, ~visible]).all() and torch.isfinite(lse[:, :, visible]).all()
 
 
 @pytest.mark.gpu
@@ -199,3 +200,75 @@ def test_gpu_fa4_backward_matches_triton():
         grads.append([t.grad.float() for t in x])
     for a, b in zip(*grads):
         assert ((a - b).norm() / b.norm()) < 2e-2
+
+
+def _fake_flash_attn(monkeypatch, seen: dict):
+    """A CPU stand-in for ``flash_attn.cute.flash_attn_func``: builds the mask FA4 would apply from
+    the block lists it is given (full blocks: all kept; partial: the emitted mask_mod, through the
+    shim) and runs dense attention on it, in FA4's [B, S, H, D] layout with GQA."""
+    import types
+    from collections import namedtuple
+
+    from tests.cute_shim import ints
+
+    fields = "mask_block_cnt mask_block_idx full_block_cnt full_block_idx block_size"
+    Bst = namedtuple("BlockSparseTensorsTorch", fields)
+    Bst.__new__.__defaults__ = (None,)
+
+    def flash_attn_func(q, k, v, *, softmax_scale, mask_mod, block_sparse_tensors, block_sparse_tensors_bwd, **kw):
+        seen.update(kw, bwd=block_sparse_tensors_bwd, fwd=block_sparse_tensors)
+        Sq, Hq, Skv = q.shape[1], q.shape[2], k.shape[1]
+        bq, bk = block_sparse_tensors.block_size
+        info = types.SimpleNamespace(seqlen_q=Sq, seqlen_k=Skv)
+        keep = torch.zeros(Sq, Skv, dtype=torch.bool)
+        cnt, idx, fcnt, fidx = block_sparse_tensors[:4]
+        for r in range(cnt.shape[2]):
+            rows = slice(r * bq, min((r + 1) * bq, Sq))
+            for j in fidx[0, 0, r, : fcnt[0, 0, r]].tolist():
+                keep[rows, j * bk : (j + 1) * bk] = True
+            for j in idx[0, 0, r, : cnt[0, 0, r]].tolist():
+                qi, ki = torch.arange(Sq)[rows, None], torch.arange(Skv)[None, j * bk : (j + 1) * bk]
+                m = mask_mod(ints(0), ints(0), ints(qi), ints(ki), info, None)
+                keep[rows, j * bk : (j + 1) * bk] = torch.broadcast_to(torch.as_tensor(m), (qi.shape[0], ki.shape[1]))
+        rep = Hq // k.shape[2]
+        qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+        s = (qh @ kh.transpose(-1, -2) * softmax_scale).masked_fill(~keep, float("-inf"))
+        out = torch.softmax(s, -1).nan_to_num(0.0) @ vh
+        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1)
+
+    bs = types.ModuleType("flash_attn.cute.block_sparsity")
+    bs.BlockSparseTensorsTorch = Bst
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn.cute.block_sparsity", bs)
+    return flash_attn_func
+
+
+@pytest.mark.parametrize("name", ["power", "longnet", "stride_slash", "dilated"])
+@pytest.mark.parametrize(("q_len", "kv_len", "off", "hq", "hkv"), [(300, 300, None, 2, 2), (130, 389, None, 4, 2),
+                                                                  (200, 260, 33, 2, 1)])  # fmt: skip
+def test_fa4_call_path_on_a_fake_fa4(name, q_len, kv_len, off, hq, hkv, tmp_path, monkeypatch):
+    """The whole FA4 path (block lists at FA4's 128 blocks, emitted mask, layouts, GQA, q_offset)
+    against the fp64 reference, with FA4 itself replaced by tests' CPU stand-in."""
+    from tests.cute_shim import installed
+
+    monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
+    seen: dict = {}
+    with installed(monkeypatch):
+        fake = _fake_flash_attn(monkeypatch, seen)
+        monkeypatch.setattr(__import__("sys").modules["flash_attn.cute"], "flash_attn_func", fake, raising=False)
+        monkeypatch.setattr(fa4, "unavailable", lambda device=None: None)
+        fa4.mask_mod.cache_clear()
+        try:
+            p = _pattern(name)
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(1, hq, q_len, 16, generator=g)
+            k, v = (torch.randn(1, hkv, kv_len, 16, generator=g) for _ in range(2))
+            out, lse = fa4.attention(p.ir, q, k, v, 0.25, off, return_lse=True)
+        finally:
+            fa4.mask_mod.cache_clear()
+    ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert (out.double() - ref).abs().max() < 1e-5
+    fwd_pairs = {(r, j) for r, row in enumerate(_rows_of(seen["fwd"][0], seen["fwd"][1])) for j in row}
+    bwd_pairs = {(j, r) for r, row in enumerate(_rows_of(seen["bwd"][0], seen["bwd"][1])) for j in row}
+    assert fwd_pairs == bwd_pairs and seen["bwd"].block_size == fa4.BLOCK == seen["fwd"].block_size

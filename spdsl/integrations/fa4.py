@@ -163,4 +163,7 @@ def attention(
     )
     out, lse = res if isinstance(res, tuple) else (res, None)
     out = out.transpose(1, 2)
-    return (out, lse) if return_lse else out
+    if not return_lse:
+        return out
+    # spdsl's rule: a row that sees no key has LSE -inf (FlashAttention kernels have written +inf)
+    return out, torch.where(torch.isposinf(lse), float("-inf"), lse)
