@@ -62,6 +62,19 @@ def check(out_rows: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
     return ok, err
 
 
+def spdsl_fa4(pattern, q, k, v, rows, ref):
+    """``(ms, rel_err, None)`` of ``spdsl.build(pattern, backend="fa4")``, or ``(None, err, reason)``."""
+    try:
+        op = spdsl.build(pattern, backend="fa4")
+        ok, err = check(op(q, k, v)[:, :, rows.to(q.device)], ref)
+    except Exception as e:  # FA4 not installed, or it cannot run this case
+        return None, None, f"{type(e).__name__}: {str(e)[:300]}"
+    if not ok:
+        return None, err, f"wrong result (rel_err {err})"
+    ms, why = peers.try_time(bench, lambda: op(q, k, v))
+    return ms, err, why
+
+
 def run_case(name, seq, args, results, variants):
     pattern = spdsl.load(ROOT / "patterns" / PATTERN_FILES[name])
     B, H, D = args.batch, args.heads, args.head_dim
@@ -116,6 +129,7 @@ def run_case(name, seq, args, results, variants):
     row["spdsl_variant"], row["spdsl_ms"], row["rel_err"] = best if best else (None, None, None)
     row["correct"] = best is not None
 
+    row["spdsl_fa4_ms"], row["spdsl_fa4_rel_err"], row["spdsl_fa4_error"] = spdsl_fa4(pattern, q, k, v, rows, ref)
     for key, backend in (("flex", "TRITON"), ("flex_flash", "FLASH")):
         try:
             row[f"{key}_ms"], row[f"{key}_error"] = peers.try_time(
@@ -142,6 +156,8 @@ def run_case(name, seq, args, results, variants):
         row["flex_create_block_mask_ms"] = (time.perf_counter() - t0) * 1e3
     ms = row["spdsl_ms"]
     row["visible_tflops"] = flops / ms / 1e9 if ms else None
+    fa4_ms = row["spdsl_fa4_ms"]
+    row["spdsl_fa4_speedup_vs_flex_flash"] = row["flex_flash_ms"] / fa4_ms if fa4_ms and row["flex_flash_ms"] else None
     for key in ("flex", "flex_flash"):
         peer = row[f"{key}_ms"]
         row[f"{key}_visible_tflops"] = flops / peer / 1e9 if peer else None

@@ -17,6 +17,7 @@ import torch
 
 from . import cache
 from ._version import __version__
+from .backend import AutoAttention, FA4Attention, check_backend, require_fa4
 from .codegen import BackwardConfig, BuildSpec, KernelConfig, embedded_core, render_module, template_texts
 from .heads import resolve
 from .op import SparseAttention
@@ -83,7 +84,7 @@ def _configs(config: dict) -> tuple[tuple[KernelConfig, ...], tuple[BackwardConf
     return DEFAULT_CONFIGS, bwd
 
 
-def build(pattern, heads=None, **config) -> SparseAttention:
+def build(pattern, heads=None, backend: str = "triton", **config):
     """Render (or reuse from the on-disk cache) the kernels for ``pattern``; return its op.
 
     Parameters
@@ -101,6 +102,10 @@ def build(pattern, heads=None, **config) -> SparseAttention:
         ``backward_configs=[BackwardConfig | tuple, ...]`` (default :data:`DEFAULT_BWD_CONFIGS`), or
         ``deterministic=False`` for the faster atomic dQ (:data:`ATOMIC_BWD_CONFIGS`; gradients then
         vary in their last bits from run to run).
+    backend: ``"triton"`` (default, portable), ``"fa4"`` (FlashAttention-4 block-sparse with a
+        CuTe mask emitted from the IR; RuntimeError here when FA4 cannot run: not installed,
+        no CUDA, pre-Hopper) or ``"auto"`` (Triton where FA4 is unavailable, else the faster per
+        GPU, dtype and shape bucket, measured once and cached on disk). See :mod:`spdsl.backend`.
 
     Returns
     -------
@@ -114,6 +119,16 @@ def build(pattern, heads=None, **config) -> SparseAttention:
     >>> bool((op(q, k, v).double() - ref).abs().max() < 1e-5)
     True
     """
+    check_backend(backend, heads)
+    if backend == "fa4":
+        require_fa4()
+    op = _build_triton(pattern, heads, config)
+    if backend == "fa4":
+        return FA4Attention(op)
+    return AutoAttention(op) if backend == "auto" else op
+
+
+def _build_triton(pattern, heads, config: dict) -> SparseAttention:
     pats, heads = resolve(pattern, heads)
     configs, bwd_configs = _configs(config)
     irs = tuple(p.ir for p in pats)

@@ -141,9 +141,10 @@ def _env() -> jinja2.Environment:
     )
 
 
-def template_texts() -> str:
-    """All template text (part of the cache key)."""
-    names = sorted(str(p.relative_to(data_path("templates"))) for p in data_path("templates").rglob("*.py.jinja"))
+def template_texts(target: str = "triton") -> str:
+    """All template text of one target (``templates/<target>/``; part of the cache key)."""
+    base = data_path("templates")
+    names = sorted(p.relative_to(base).as_posix() for p in base.joinpath(target).rglob("*.py.jinja"))
     return "\n".join(template_text(n) for n in names)
 
 

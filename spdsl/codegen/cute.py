@@ -1,0 +1,163 @@
+"""The FA4 target: the IR's ``keep`` as a CuTe-DSL ``mask_mod`` (``templates/cute/mask.py.jinja``).
+
+:class:`CuteOps` is the ops backend the IR's ``keep`` runs on, beside
+:class:`~spdsl.codegen.triton.TritonOps`: the same traversal, the same :mod:`.expr` DAG, other
+function names. The emitted code uses only integer ``+ - * //``, comparisons, ``& |`` and
+``cutlass.min`` / ``cutlass.max`` (no ``%``: CuTe DSL's signed ``%`` is ``arith.remsi``, which
+truncates; its ``//`` is ``arith.floordivsi``, which floors, as the IR means it), so the same source
+also runs on torch integer tensors through a small shim (``tests/cute_shim.py``).
+
+The signature is FA4's and torch's ``flex_flash_attention`` bridge's:
+``mask_mod(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors)`` with ``q_idx`` / ``kv_idx``
+Int32 ``TensorSSA`` of shape (1,), returning a Boolean ``TensorSSA`` of shape (1,).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+
+import jinja2
+
+from .._version import __version__
+from ..core.ir import INT_LIMIT, MAX_NAME_LENGTH, PatternIR
+from ..resources import template_text
+from .expr import Node, call, render, var
+
+#: Names the mask template binds around the emitted code (never chosen for a subexpression).
+RESERVED = {"qu", "ku", "qpos", "kpos", "keep", "b_idx", "h_idx", "q_idx", "kv_idx", "seqlen_info", "aux_tensors"}
+#: Every name the emitted module may read besides what it assigns itself.
+ALLOWED_NAMES = {"cutlass", "cute", "utils", "max", "min"}
+
+
+def _positive(b, what: str) -> int:
+    if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+        raise ValueError(f"{what} in generated code needs a positive constant, got {b!r}")
+    return b
+
+
+def powers(b: int) -> list[int]:
+    """``b, b**2, ...`` below 2**31: the candidates of ``_floor_pow{b}``."""
+    out, p = [], _positive(b, "a power base")
+    while p < INT_LIMIT:
+        out.append(p)
+        p *= b
+    return out
+
+
+class CuteOps:
+    """Ops backend emitting CuTe-DSL scalar code: helper calls ``_fdiv`` / ``_fmod`` / ``_abs`` /
+    ``_floor_pow{b}`` (defined by the template) and ``cutlass.min`` / ``cutlass.max``."""
+
+    def __init__(self):
+        self.pow_bases: set[int] = set()
+
+    def abs(self, x):
+        return call("_abs", x, hint="a" + x.hint if isinstance(x, Node) and x.hint else "abs")
+
+    def fdiv(self, a, b: int):
+        return call("_fdiv", a, _positive(b, "floor division"))
+
+    def fmod(self, a, b: int):
+        return call("_fmod", a, _positive(b, "modulo"))
+
+    def minimum(self, a, b):
+        return call("cutlass.min", a, b)
+
+    def maximum(self, a, b):
+        return call("cutlass.max", a, b)
+
+    def where(self, c, a, b):
+        raise NotImplementedError("the CuTe mask emits keep() only, which needs no where()")
+
+    def not_(self, x):
+        return ~x
+
+    def true_like(self, x):
+        return True
+
+    def floor_pow(self, x, b: int):
+        self.pow_bases.add(_positive(b, "a power base"))
+        return call(f"_floor_pow{b}", x, hint=f"pow{b}")
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(template_text),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def check_source(text: str) -> ast.Module:
+    """Parse emitted source and check it reads only names it assigns or :data:`ALLOWED_NAMES`, and
+    holds no constants but ints, bools, None and strings (its docstring and ``__cute_hash__``).
+
+    Returns
+    -------
+    The parsed module. Raises ValueError when a check fails (a bug in the emitter, not user input).
+    """
+    tree = ast.parse(text)
+    bound = set(ALLOWED_NAMES)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id not in bound:
+            raise ValueError(f"emitted CuTe source reads an unknown name {node.id!r}")
+        if isinstance(node, ast.Constant) and not isinstance(node.value, (int, bool, str, type(None))):
+            raise ValueError(f"emitted CuTe source holds a non-integer constant {node.value!r}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) >= INT_LIMIT:
+            raise ValueError(f"emitted CuTe source holds an integer out of range: {node.value}")
+    return tree
+
+
+def mask_source(pat: PatternIR, q_offset: int | None = None) -> str:
+    """The CuTe-DSL module defining ``mask_mod`` for ``pat`` (attend expression, units, causal cut).
+
+    Parameters
+    ----------
+    pat: the pattern.
+    q_offset: the absolute position of query row 0, baked in as a constant; None reads
+        ``seqlen_info.seqlen_k - seqlen_info.seqlen_q`` at run time (spdsl's default offset: one
+        compiled mask for every shape).
+
+    Returns
+    -------
+    Python source (checked by :func:`check_source`): imports ``cutlass``, ``cutlass.cute`` and
+    ``flash_attn.cute.utils``; defines ``mask_mod`` with FA4's signature and ``__cute_hash__``.
+    """
+    if q_offset is not None and (not isinstance(q_offset, int) or isinstance(q_offset, bool)):
+        raise ValueError(f"q_offset must be an int or None, got {q_offset!r}")
+    if q_offset is not None and not -INT_LIMIT < q_offset < INT_LIMIT:
+        raise ValueError(f"q_offset {q_offset} out of range for generated code")
+    if not pat.name.isidentifier() or len(pat.name) > MAX_NAME_LENGTH:
+        raise ValueError(f"not a valid identifier for generated code: {pat.name!r}")
+    ops = CuteOps()
+    lines, (expr,) = render([pat.expr.keep(ops, var("qu"), var("ku"))], RESERVED)
+    digest = hashlib.sha256(f"{__version__}\n{pat.text()}\n{q_offset}".encode()).hexdigest()[:24]
+    text = (
+        _env()
+        .get_template("cute/mask.py.jinja")
+        .render(
+            name=pat.name,
+            version=__version__,
+            unit=pat.unit,
+            causal=pat.causal,
+            q_offset=q_offset,
+            lines=lines,
+            expr=expr,
+            pow_bases=[(b, powers(b)) for b in sorted(ops.pow_bases)],
+            cute_hash=f"spdsl_{pat.name}_{digest}",
+        )
+    )
+    check_source(text)
+    return text

@@ -1,0 +1,274 @@
+"""The FA4 backend on the CPU: block lists equal the Triton layout's, the emitted CuTe mask parses and
+(run through tests/cute_shim.py) equals the dense mask, and backend selection falls back cleanly.
+
+GPU tests at the end run only with CUDA, a Hopper+ GPU and flash_attn.cute installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+import torch
+
+import spdsl
+from spdsl import backend as backend_mod
+from spdsl import runtime
+from spdsl.codegen.cute import check_source, mask_source
+from spdsl.integrations import fa4
+from tests.conftest import ROOT
+from tests.cute_shim import run_mask
+
+PATTERNS = sorted(p.stem for p in (ROOT / "patterns").glob("*.spd"))
+# (q_len, kv_len, q_offset): odd lengths, the default offset, explicit ones, q_len > kv_len (negative positions)
+SHAPES = [(77, 77, None), (45, 131, None), (64, 200, 17), (150, 90, None), (33, 70, -5)]
+
+
+def _pattern(name: str, unit: int | None = None):
+    # units scaled down so the small shapes cut through many units
+    text = (ROOT / "patterns" / f"{name}.spd").read_text()
+    p = spdsl.compile(text)
+    return spdsl.compile(text.replace(f"unit {p.unit}", "unit 4")) if unit is None and p.unit > 4 else p
+
+
+def _rows_of(num, idx):
+    return [sorted(idx[0, 0, r, : num[0, 0, r]].tolist()) for r in range(num.shape[2])]
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_lists_equal_the_layout(name, shape):
+    q_len, kv_len, off = shape
+    lay = _pattern(name).layout(q_len, kv_len, 16, 16, q_offset=off)
+    fwd, bwd = fa4.block_lists(lay)
+    for lists, (ptr, idx, full) in ((fwd, (lay.kv_ptr, lay.kv_idx, lay.kv_full)), (bwd, lay.kv_major())):
+        assert all(t.dtype == torch.int32 for t in lists.tensors())
+        want_p = [sorted(idx[ptr[r] : ptr[r + 1]][~full[ptr[r] : ptr[r + 1]]].tolist()) for r in range(ptr.numel() - 1)]
+        want_f = [sorted(idx[ptr[r] : ptr[r + 1]][full[ptr[r] : ptr[r + 1]]].tolist()) for r in range(ptr.numel() - 1)]
+        assert _rows_of(lists.partial_cnt, lists.partial_idx) == want_p
+        assert _rows_of(lists.full_cnt, lists.full_idx) == want_f
+        # rows stay ascending as stored (FA4 walks them in order); widths are compact
+        for num, ix in ((lists.partial_cnt, lists.partial_idx), (lists.full_cnt, lists.full_idx)):
+            assert ix.shape[-1] == max(int(num.max()), 1)
+            for r in range(num.shape[2]):
+                row = ix[0, 0, r, : num[0, 0, r]].tolist()
+                assert row == sorted(row)
+    grid = lay.tile_grid()  # the dense tile grid, small here: the lists cover exactly its nonzeros
+    assert int((grid == 1).sum()) == int(fwd.partial_cnt.sum()) == int(bwd.partial_cnt.sum())
+    assert int((grid == 2).sum()) == int(fwd.full_cnt.sum()) == int(bwd.full_cnt.sum())
+
+
+def test_block_lists_shipped_units_at_fa4_blocks():
+    lay = spdsl.load(ROOT / "patterns" / "power.spd").layout(4097, 4097, *fa4.BLOCK)
+    fwd, bwd = fa4.block_lists(lay)
+    assert fwd.partial_idx.shape[2] == lay.n_q_tiles and bwd.partial_idx.shape[2] == lay.n_kv_tiles
+    assert fwd.full_idx.shape[-1] < lay.n_kv_tiles  # compact, not [n_q_tiles, n_kv_tiles]
+    assert int(fwd.partial_cnt.sum() + fwd.full_cnt.sum()) == lay.nnz
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_emitted_mask_equals_dense_mask(name, shape, monkeypatch):
+    q_len, kv_len, off = shape
+    p = _pattern(name)
+    src = mask_source(p.ir, off)
+    ast.parse(src)
+    got = run_mask(src, q_len, kv_len, monkeypatch)
+    assert torch.equal(got, p.dense_mask(q_len, kv_len, q_offset=off))
+
+
+def test_emitted_mask_shipped_units(monkeypatch):
+    for name in PATTERNS:
+        p = spdsl.load(ROOT / "patterns" / f"{name}.spd")
+        got = run_mask(mask_source(p.ir), 700, 1300, monkeypatch)
+        assert torch.equal(got, p.dense_mask(700, 1300)), name
+
+
+def test_emitted_source_is_checked():
+    src = mask_source(spdsl.load(ROOT / "patterns" / "power.spd").ir, q_offset=3)
+    assert not [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Mod)]  # CuTe's % truncates
+    assert "def mask_mod(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):" in src
+    with pytest.raises(ValueError, match="unknown name"):
+        check_source(src + "\nx = os.system\n")
+    with pytest.raises(ValueError, match="non-integer"):
+        check_source(src + "\nx = 1.5\n")
+    with pytest.raises(ValueError):
+        mask_source(spdsl.load(ROOT / "patterns" / "power.spd").ir, q_offset="1; import os")
+
+
+def test_fa4_backend_without_fa4_is_a_clear_error(monkeypatch):
+    p = spdsl.compile("pattern w() { causal attend local(16) }")
+    monkeypatch.setattr(fa4, "unavailable", lambda device=None: "flash_attn.cute does not import (ImportError)")
+    with pytest.raises(RuntimeError, match=r"backend='fa4' is unavailable.*pip install 'spdsl\[fa4\]'.*sm90"):
+        spdsl.build(p, backend="fa4")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        spdsl.build(p, backend="cuda")
+
+
+def test_unavailable_on_cpu():
+    assert "CUDA" in fa4.unavailable("cpu")
+
+
+def test_auto_falls_back_to_triton_without_fa4(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
+    p = spdsl.compile("pattern w() { causal attend local(16) }")
+    op = spdsl.build(p, backend="auto")
+    q = k = v = torch.randn(1, 2, 40, 16)
+    assert op.choose(q, k, v) == "triton"
+    ref = spdsl.reference.attention(p, q, k, v)
+    assert (op(q, k, v).double() - ref).abs().max() < 1e-5
+    assert op.varlen == op.triton.varlen and op.pattern is op.triton.pattern
+    assert not backend_mod.choices_path().exists()  # nothing measured
+
+
+def test_auto_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fa4, "unavailable", lambda device=None: None)  # pretend FA4 runs here
+    monkeypatch.setattr(runtime, "_OPS", {})
+    calls = []
+    monkeypatch.setattr(fa4, "attention", lambda ir, q, *a: calls.append("fa4") or torch.zeros_like(q))
+    speed = {"triton": 2.0, "fa4": 1.0}
+
+    def fake_timer(fn):  # which backend fn runs: look at what it calls
+        before = len(calls)
+        fn()
+        return speed["fa4" if len(calls) > before else "triton"]
+
+    p = spdsl.compile("pattern w() { causal attend local(16) }")
+    op = backend_mod.AutoAttention(spdsl.build(p), timer=fake_timer)
+    q = k = v = torch.randn(1, 2, 40, 16)
+    assert op.choose(q, k, v) == "fa4"
+    data = json.loads(backend_mod.choices_path().read_text())
+    (key,) = data
+    assert data[key] == "fa4" and "float32" in key and "q64_kv64_d16_g1" in key
+    speed.update(triton=0.5)  # cached: not measured again
+    assert op.choose(q, k, v) == "fa4"
+    assert op.choose(torch.randn(1, 2, 300, 16), *(torch.randn(1, 2, 300, 16),) * 2) == "triton"  # new bucket
+    assert len(json.loads(backend_mod.choices_path().read_text())) == 2
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_pick_skips_a_failing_candidate(tmp_path):
+    def boom():
+        raise RuntimeError("shape not supported")
+
+    path = tmp_path / "c.json"
+    assert backend_mod.pick("k", {"fa4": boom, "triton": lambda: None}, lambda fn: fn() or 1.0, path) == "triton"
+    path.write_text("not json")  # a corrupt file is ignored and replaced
+    assert backend_mod.pick("k2", {"triton": lambda: None}, lambda fn: 1.0, path) == "triton"
+    assert json.loads(path.read_text()) == {"k2": "triton"}
+
+
+def _fa4_ready() -> bool:
+    return torch.cuda.is_available() and fa4.unavailable() is None
+
+
+gpu_fa4 = pytest.mark.skipif(not torch.cuda.is_available() or not _fa4_ready(), reason="needs CUDA sm90+ and FA4")
+
+
+@pytest.mark.gpu
+@gpu_fa4
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize(("q_len", "kv_len", "off", "hq", "hkv"), [(1000, 1000, None, 4, 4), (333, 1111, None, 8, 2),
+                                                                  (515, 700, 60, 4, 1)])  # fmt: skip
+def test_gpu_fa4_matches_reference(name, q_len, kv_len, off, hq, hkv):
+    p = spdsl.load(ROOT / "patterns" / f"{name}.spd")
+    op = spdsl.build(p, backend="fa4")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, hq, q_len, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, hkv, kv_len, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), q_offset=off)
+    out, lse = op(q, k, v, q_offset=off, return_lse=True)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() < 2e-2
+    visible = p.dense_mask(q_len, kv_len, q_offset=off).any(1).cuda()
+    assert (out[:, :, ~visible] == 0).all()  # empty rows are zeros, not NaN
+    assert torch.isneginf(lse[:, :, ~visible]).all() and torch.isfinite(lse[:, :, visible]).all()
+
+
+@pytest.mark.gpu
+@gpu_fa4
+def test_gpu_fa4_backward_matches_triton():
+    p = spdsl.load(ROOT / "patterns" / "power.spd")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    grads = []
+    for be in ("fa4", "triton"):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        spdsl.build(p, backend=be)(*x).float().square().sum().backward()
+        grads.append([t.grad.float() for t in x])
+    for a, b in zip(*grads):
+        assert ((a - b).norm() / b.norm()) < 2e-2
+
+
+def _fake_flash_attn(monkeypatch, seen: dict):
+    """A CPU stand-in for ``flash_attn.cute.flash_attn_func``: builds the mask FA4 would apply from
+    the block lists it is given (full blocks: all kept; partial: the emitted mask_mod, through the
+    shim) and runs dense attention on it, in FA4's [B, S, H, D] layout with GQA."""
+    import types
+    from collections import namedtuple
+
+    from tests.cute_shim import ints
+
+    fields = "mask_block_cnt mask_block_idx full_block_cnt full_block_idx block_size"
+    Bst = namedtuple("BlockSparseTensorsTorch", fields)
+    Bst.__new__.__defaults__ = (None,)
+
+    def flash_attn_func(q, k, v, *, softmax_scale, mask_mod, block_sparse_tensors, block_sparse_tensors_bwd, **kw):
+        seen.update(kw, bwd=block_sparse_tensors_bwd, fwd=block_sparse_tensors)
+        Sq, Hq, Skv = q.shape[1], q.shape[2], k.shape[1]
+        bq, bk = block_sparse_tensors.block_size
+        info = types.SimpleNamespace(seqlen_q=Sq, seqlen_k=Skv)
+        keep = torch.zeros(Sq, Skv, dtype=torch.bool)
+        cnt, idx, fcnt, fidx = block_sparse_tensors[:4]
+        for r in range(cnt.shape[2]):
+            rows = slice(r * bq, min((r + 1) * bq, Sq))
+            for j in fidx[0, 0, r, : fcnt[0, 0, r]].tolist():
+                keep[rows, j * bk : (j + 1) * bk] = True
+            for j in idx[0, 0, r, : cnt[0, 0, r]].tolist():
+                qi, ki = torch.arange(Sq)[rows, None], torch.arange(Skv)[None, j * bk : (j + 1) * bk]
+                m = mask_mod(ints(0), ints(0), ints(qi), ints(ki), info, None)
+                keep[rows, j * bk : (j + 1) * bk] = torch.broadcast_to(torch.as_tensor(m), (qi.shape[0], ki.shape[1]))
+        rep = Hq // k.shape[2]
+        qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+        s = (qh @ kh.transpose(-1, -2) * softmax_scale).masked_fill(~keep, float("-inf"))
+        out = torch.softmax(s, -1).nan_to_num(0.0) @ vh
+        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1)
+
+    bs = types.ModuleType("flash_attn.cute.block_sparsity")
+    bs.BlockSparseTensorsTorch = Bst
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn.cute.block_sparsity", bs)
+    return flash_attn_func
+
+
+@pytest.mark.parametrize("name", ["power", "longnet", "stride_slash", "dilated"])
+@pytest.mark.parametrize(("q_len", "kv_len", "off", "hq", "hkv"), [(300, 300, None, 2, 2), (130, 389, None, 4, 2),
+                                                                  (200, 260, 33, 2, 1)])  # fmt: skip
+def test_fa4_call_path_on_a_fake_fa4(name, q_len, kv_len, off, hq, hkv, tmp_path, monkeypatch):
+    """The whole FA4 path (block lists at FA4's 128 blocks, emitted mask, layouts, GQA, q_offset)
+    against the fp64 reference, with FA4 itself replaced by tests' CPU stand-in."""
+    from tests.cute_shim import installed
+
+    monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
+    seen: dict = {}
+    with installed(monkeypatch):
+        fake = _fake_flash_attn(monkeypatch, seen)
+        monkeypatch.setattr(__import__("sys").modules["flash_attn.cute"], "flash_attn_func", fake, raising=False)
+        monkeypatch.setattr(fa4, "unavailable", lambda device=None: None)
+        fa4.mask_mod.cache_clear()
+        try:
+            p = _pattern(name)
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(1, hq, q_len, 16, generator=g)
+            k, v = (torch.randn(1, hkv, kv_len, 16, generator=g) for _ in range(2))
+            out, lse = fa4.attention(p.ir, q, k, v, 0.25, off, return_lse=True)
+        finally:
+            fa4.mask_mod.cache_clear()
+    ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert (out.double() - ref).abs().max() < 1e-5
+    fwd_pairs = {(r, j) for r, row in enumerate(_rows_of(seen["fwd"][0], seen["fwd"][1])) for j in row}
+    bwd_pairs = {(j, r) for r, row in enumerate(_rows_of(seen["bwd"][0], seen["bwd"][1])) for j in row}
+    assert fwd_pairs == bwd_pairs and seen["bwd"].block_size == fa4.BLOCK == seen["fwd"].block_size
