@@ -55,3 +55,17 @@ def pattern_path(name: str) -> Path:
     """A shipped pattern by file stem: ``pattern_path("power")`` -> ``.../patterns/power.spd``."""
     stem = name[:-4] if name.endswith(".spd") else name
     return data_path(f"patterns/{stem}.spd")
+
+
+def jinja_env(load=None):
+    """The Jinja environment every code template renders in: templates by name through ``load``
+    (default :func:`template_text`), strict undefined."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(load or template_text),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )

@@ -14,11 +14,9 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-import jinja2
-
 from .._version import __version__
 from ..core.ir import MAX_NAME_LENGTH, Expr, PatternIR, SetOp
-from ..resources import data_path, template_text
+from ..resources import data_path, jinja_env, template_text
 from .embed import embed
 from .triton import predicate, tile_test
 
@@ -131,16 +129,6 @@ class BuildSpec:
         return self.pattern if isinstance(self.pattern, tuple) else (self.pattern,)
 
 
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FunctionLoader(template_text),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-
-
 def template_texts(target: str = "triton") -> str:
     """All template text of one target (``templates/<target>/``; part of the cache key)."""
     base = data_path("templates")
@@ -205,7 +193,7 @@ def render_module(spec: BuildSpec) -> str:
     items = _pattern_items(pats)
     multi = len(pats) > 1
     text = (
-        _env()
+        jinja_env(lambda name: template_text(name))  # (late-bound: tests swap template_text)
         .get_template("triton/module.py.jinja")
         .render(
             name=name,

@@ -17,12 +17,10 @@ from __future__ import annotations
 import ast
 import hashlib
 
-import jinja2
-
 from .._version import __version__
 from ..core.ir import INT_LIMIT, MAX_NAME_LENGTH, PatternIR
-from ..resources import template_text
-from .expr import Node, call, render, var
+from ..resources import jinja_env
+from .expr import EmitOps, call, positive, render, var
 
 #: Names the mask template binds around the emitted code (never chosen for a subexpression).
 RESERVED = {"qu", "ku", "qpos", "kpos", "keep", "b_idx", "h_idx", "q_idx", "kv_idx", "seqlen_info", "aux_tensors"}
@@ -30,65 +28,27 @@ RESERVED = {"qu", "ku", "qpos", "kpos", "keep", "b_idx", "h_idx", "q_idx", "kv_i
 ALLOWED_NAMES = {"cutlass", "cute", "utils", "max", "min"}
 
 
-def _positive(b, what: str) -> int:
-    if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-        raise ValueError(f"{what} in generated code needs a positive constant, got {b!r}")
-    return b
-
-
 def powers(b: int) -> list[int]:
     """``b, b**2, ...`` below 2**31: the candidates of ``_floor_pow{b}``."""
-    out, p = [], _positive(b, "a power base")
+    out, p = [], positive(b, "a power base")
     while p < INT_LIMIT:
         out.append(p)
         p *= b
     return out
 
 
-class CuteOps:
+class CuteOps(EmitOps):
     """Ops backend emitting CuTe-DSL scalar code: helper calls ``_fdiv`` / ``_fmod`` / ``_abs`` /
     ``_floor_pow{b}`` (defined by the template) and ``cutlass.min`` / ``cutlass.max``."""
 
-    def __init__(self):
-        self.pow_bases: set[int] = set()
-
-    def abs(self, x):
-        return call("_abs", x, hint="a" + x.hint if isinstance(x, Node) and x.hint else "abs")
-
-    def fdiv(self, a, b: int):
-        return call("_fdiv", a, _positive(b, "floor division"))
-
-    def fmod(self, a, b: int):
-        return call("_fmod", a, _positive(b, "modulo"))
-
-    def minimum(self, a, b):
-        return call("cutlass.min", a, b)
-
-    def maximum(self, a, b):
-        return call("cutlass.max", a, b)
+    ABS, MIN, MAX = "_abs", "cutlass.min", "cutlass.max"
 
     def where(self, c, a, b):
         raise NotImplementedError("the CuTe mask emits keep() only, which needs no where()")
 
-    def not_(self, x):
-        return ~x
-
-    def true_like(self, x):
-        return True
-
     def floor_pow(self, x, b: int):
-        self.pow_bases.add(_positive(b, "a power base"))
+        self.pow_bases.add(positive(b, "a power base"))
         return call(f"_floor_pow{b}", x, hint=f"pow{b}")
-
-
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FunctionLoader(template_text),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
 
 
 def check_source(text: str) -> ast.Module:
@@ -145,7 +105,7 @@ def mask_source(pat: PatternIR, q_offset: int | None = None) -> str:
     lines, (expr,) = render([pat.expr.keep(ops, var("qu"), var("ku"))], RESERVED)
     digest = hashlib.sha256(f"{__version__}\n{pat.text()}\n{q_offset}".encode()).hexdigest()[:24]
     text = (
-        _env()
+        jinja_env()
         .get_template("cute/mask.py.jinja")
         .render(
             name=pat.name,

@@ -157,3 +157,44 @@ def render(roots: list, reserved: set[str] = frozenset()) -> tuple[list[str], li
 
     exprs = [r.const if isinstance(r.const, bool) else text(r) for r in roots]
     return lines, exprs
+
+
+def positive(b, what: str) -> int:
+    """``b`` when it is a positive int constant, else ValueError (it is pasted into generated code)."""
+    if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+        raise ValueError(f"{what} in generated code needs a positive constant, got {b!r}")
+    return b
+
+
+class EmitOps:
+    """What the code-emitting ops backends share: the IR's methods build :mod:`.expr` nodes; a
+    backend names its functions (``ABS``, ``MIN``, ``MAX``, ``WHERE``) and defines ``floor_pow``."""
+
+    ABS = MIN = MAX = WHERE = ""
+
+    def __init__(self):
+        self.pow_bases: set[int] = set()
+
+    def abs(self, x):
+        return call(self.ABS, x, hint="a" + x.hint if isinstance(x, Node) and x.hint else "abs")
+
+    def fdiv(self, a, b: int):
+        return call("_fdiv", a, positive(b, "floor division"))
+
+    def fmod(self, a, b: int):
+        return call("_fmod", a, positive(b, "modulo"))
+
+    def minimum(self, a, b):
+        return call(self.MIN, a, b)
+
+    def maximum(self, a, b):
+        return call(self.MAX, a, b)
+
+    def where(self, c, a, b):
+        return call(self.WHERE, c, a, b)
+
+    def not_(self, x):
+        return ~x
+
+    def true_like(self, x):
+        return True

@@ -9,48 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.ir import INT_LIMIT, PatternIR
-from .expr import Node, call, render, var
+from .expr import EmitOps, call, positive, render, var
 
 
-def _positive(b, what: str) -> int:
-    if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-        raise ValueError(f"{what} in generated code needs a positive constant, got {b!r}")
-    return b
-
-
-class TritonOps:
+class TritonOps(EmitOps):
     """Ops backend emitting Triton: ``_fdiv`` / ``_fmod`` floor like Python, ``tl.*`` elsewhere."""
 
-    def __init__(self):
-        self.pow_bases: set[int] = set()
-
-    def abs(self, x):
-        return call("tl.abs", x, hint="a" + x.hint if isinstance(x, Node) and x.hint else "abs")
-
-    def fdiv(self, a, b: int):
-        return call("_fdiv", a, _positive(b, "floor division"))
-
-    def fmod(self, a, b: int):
-        return call("_fmod", a, _positive(b, "modulo"))
-
-    def minimum(self, a, b):
-        return call("tl.minimum", a, b)
-
-    def maximum(self, a, b):
-        return call("tl.maximum", a, b)
-
-    def where(self, c, a, b):
-        return call("tl.where", c, a, b)
-
-    def not_(self, x):
-        return ~x
-
-    def true_like(self, x):
-        return True
+    ABS, MIN, MAX, WHERE = "tl.abs", "tl.minimum", "tl.maximum", "tl.where"
 
     def floor_pow(self, x, b: int):
         """``_floor_pow(x, b, n)``: the jitted helper (prefill template) unrolls b, b**2, ... b**n < 2**31."""
-        self.pow_bases.add(_positive(b, "a power base"))
+        self.pow_bases.add(positive(b, "a power base"))
         n, p = 0, b
         while p < INT_LIMIT:
             n, p = n + 1, p * b
