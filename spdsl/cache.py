@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -97,3 +99,18 @@ def get_or_create(path: Path, render) -> tuple[str, bool]:
     text = render()
     write_entry(path, text)
     return text, True
+
+
+def import_generated(path: Path, name: str):
+    """Import a generated module from ``path`` as ``name`` (registered in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -87,7 +87,7 @@ def run_check(path: Path, pattern) -> dict:
     q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
     with _interpreter_env(not cuda):
         # the interpreter must be on before the module's kernels are defined (import) and at call time
-        from .runtime import import_generated
+        from .cache import import_generated
 
         module = import_generated(path, f"_spdsl_check_{pattern.name}_{os.getpid()}_{id(path)}")
         out, lse = module.attention(q, k, v, return_lse=True)

@@ -7,11 +7,8 @@ on-disk cache, keyed by everything that determines its text) and imports it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import sys
 import threading
-from pathlib import Path
 
 import torch
 
@@ -152,22 +149,7 @@ def _build_triton(pattern, heads, config: dict) -> SparseAttention:
         module = next((o.module for (k, _), o in _OPS.items() if k == key), None)  # other heads, same patterns
         if module is None:
             cache.get_or_create(path, lambda: render_module(spec))
-            module = import_generated(path, f"spdsl_gen_{name}_{key}")
+            module = cache.import_generated(path, f"spdsl_gen_{name}_{key}")
         op = SparseAttention(pats if heads is not None else pats[0], module, path, key, heads)
         _OPS[key, heads] = op
         return op
-
-
-def import_generated(path: Path, name: str):
-    """Import a generated module from ``path`` as ``name`` (registered in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module

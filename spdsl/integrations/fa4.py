@@ -107,13 +107,12 @@ def mask_mod(ir: PatternIR, q_offset: int | None):
     """The emitted CuTe ``mask_mod`` for ``ir`` (source cached on disk, imported once per process)."""
     from .. import cache
     from ..codegen.cute import mask_source
-    from ..runtime import import_generated
 
     text = mask_source(ir, q_offset)
     key = cache.cache_key(text)
     path = cache.cache_dir() / f"fa4_mask_{ir.name}_{key}.py"
     cache.get_or_create(path, lambda: text)
-    return import_generated(path, f"spdsl_fa4_mask_{ir.name}_{key}").mask_mod
+    return cache.import_generated(path, f"spdsl_fa4_mask_{ir.name}_{key}").mask_mod
 
 
 def _sparse(lists: BlockLists):
