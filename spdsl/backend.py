@@ -73,10 +73,15 @@ def _bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """Power-of-two buckets of the lengths, head dim, GQA ratio: what a choice is made per."""
+    return _bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[-1], q.shape[1] // max(k.shape[1], 1)
+
+
 def choice_key(pattern_hash: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """The measurement's key: GPU name, dtype, pattern, power-of-two buckets of the lengths, head dim, GQA."""
     gpu = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
-    shape = f"q{_bucket(q.shape[2])}_kv{_bucket(k.shape[2])}_d{q.shape[-1]}_g{q.shape[1] // max(k.shape[1], 1)}"
+    shape = "q{}_kv{}_d{}_g{}".format(*_shape(q, k))
     return f"{gpu}|{str(q.dtype).removeprefix('torch.')}|{pattern_hash}|{shape}"
 
 
@@ -140,12 +145,17 @@ class AutoAttention(_Wrapped):
     def __init__(self, op, timer: Callable | None = None):
         super().__init__(op)
         self.timer = timer or cuda_timer
+        self._chosen: dict[tuple, str] = {}  # per (device, dtype, shape bucket): no file read per call
 
     def choose(self, q, k, v, scale=None, q_offset=None) -> str:
         """``"triton"`` or ``"fa4"`` for these inputs (measuring once when not cached)."""
-        if self.triton.heads is not None or fa4.unavailable(q.device):
-            return "triton"
-        return self._cached(q, k, v, scale, q_offset)
+        seen = (q.device, q.dtype, *_shape(q, k))
+        if seen not in self._chosen:
+            if self.triton.heads is not None or fa4.unavailable(q.device):
+                self._chosen[seen] = "triton"
+            else:
+                self._chosen[seen] = self._cached(q, k, v, scale, q_offset)
+        return self._chosen[seen]
 
     def _cached(self, q, k, v, scale, q_offset) -> str:
         key = choice_key(self.triton.pattern.ir.hash(), q, k)

@@ -147,6 +147,11 @@ def test_auto_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
     assert op.choose(torch.randn(1, 2, 300, 16), *(torch.randn(1, 2, 300, 16),) * 2) == "triton"  # new bucket
     assert len(json.loads(backend_mod.choices_path().read_text())) == 2
     assert not list(tmp_path.glob("*.tmp*"))
+    reads = []
+    monkeypatch.setattr(backend_mod, "load_choices", lambda path: reads.append(path) or {})
+    assert op.choose(q, k, v) == "fa4" and reads == []  # a seen bucket: no file read on the call path
+    fresh = backend_mod.AutoAttention(op.triton, timer=fake_timer)
+    assert fresh.choose(q, k, v) in ("triton", "fa4") and reads  # another op reads (here: an empty) file
 
 
 def test_pick_skips_a_failing_candidate(tmp_path):
