@@ -147,9 +147,7 @@ class SparseAttention:
         (see :mod:`spdsl.dynamic`). Not CUDA-graph safe (the block choice synchronizes).
         """
         q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
-        unknown = set(dynamic) - set(_DYNAMIC_DEFAULTS)
-        if unknown:
-            raise TypeError(f"decode() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        _check_keywords(dynamic, _DYNAMIC_DEFAULTS, "decode")
         if self._dynamic:
             return self._decode_dynamic(q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, dynamic)
         if any(value != _DYNAMIC_DEFAULTS[k] for k, value in dynamic.items()):
@@ -179,19 +177,14 @@ class SparseAttention:
     def _prefill_dynamic(self, q, k, v, scale, q_offset, return_lse, options):
         from . import dynamic
 
-        unknown = set(options) - (set(_DYNAMIC_DEFAULTS) - {"summaries"})
-        if unknown:
-            raise TypeError(f"op() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        _check_keywords(options, set(_DYNAMIC_DEFAULTS) - {"summaries"}, "op")
         if not self._dynamic:
             raise TypeError(f"{', '.join(sorted(options))} apply only to patterns with score/select lines")
-        if return_lse:
-            raise ValueError("return_lse is not available for patterns with score/select lines; use return_error=True")
+        opts = _dynamic_options(options, return_lse)
         if q_offset is not None and resolve_q_offset(q_offset, q.shape[2], k.shape[2]) != k.shape[2] - q.shape[2]:
             raise NotImplementedError(
                 "patterns with score/select lines take the default q_offset (kv_len - q_len) only"
             )
-        opts = {**_DYNAMIC_DEFAULTS, **options}
-        dynamic.check_options(opts["eps"], opts["bias"])
         sc = resolve_scale(scale, q.shape[-1])
         out, err = dynamic.prefill(self.pattern.ir, q, k, v, scale=sc, eps=opts["eps"], bias=opts["bias"])
         out = out.to(q.dtype)
@@ -200,11 +193,8 @@ class SparseAttention:
     def _decode_dynamic(self, q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, options):
         from . import dynamic
 
-        if return_lse:
-            raise ValueError("return_lse is not available for patterns with score/select lines; use return_error=True")
+        opts = _dynamic_options(options, return_lse)
         self.module.check_decode(q, k_cache, v_cache, cache_seqlens, block_table, allow_cpu=True)
-        opts = {**_DYNAMIC_DEFAULTS, **options}
-        dynamic.check_options(opts["eps"], opts["bias"])
         s = opts["summaries"] if opts["summaries"] is not None else self.summaries(k_cache, cache_seqlens, block_table)
         backend = None
         if not self._on_cpu(q):
@@ -363,6 +353,23 @@ def _register(name: str, patterns: tuple[Pattern, ...], heads: tuple[int, ...] |
         return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 
     return fwd, decode
+
+
+def _check_keywords(options: dict, allowed, what: str) -> None:
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise TypeError(f"{what}() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+
+
+def _dynamic_options(options: dict, return_lse: bool) -> dict:
+    """The score/select call options with their defaults, checked (ValueError / TypeError)."""
+    from .dynamic import check_options
+
+    if return_lse:
+        raise ValueError("return_lse is not available for patterns with score/select lines; use return_error=True")
+    opts = {**_DYNAMIC_DEFAULTS, **options}
+    check_options(opts["eps"], opts["bias"])
+    return opts
 
 
 def _on_cpu(module, q) -> bool:
