@@ -46,6 +46,7 @@ __all__ = [
     "candidate_blocks",
     "check_options",
     "decode",
+    "merge_parts",
     "prefill",
     "run_blocks_torch",
     "weights_log",
@@ -87,13 +88,19 @@ def _token_masks(ir: PatternIR, seqlens: torch.Tensor, Sq: int, length: int, q_s
     return attend, attend | (live & torch.as_tensor(ir.select.keep(TorchOps, Q, K), device=seqlens.device))
 
 
+def merge_parts(o: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine normalized outputs ``o [..., n, R, D]`` over disjoint key sets (along ``dim`` >= 0, the
+    same index in ``o`` and ``lse [..., n, R]``, natural log; empty parts -inf) by their
+    log-sum-exp: ``(o [..., R, D], lse [..., R])``."""
+    total = lse.logsumexp(dim)
+    w = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total).unsqueeze(dim))
+    return (o * w[..., None]).sum(dim), total
+
+
 def _merge(a, b):
-    """Combine two ``(o, lse)`` over disjoint key sets by their log-sum-exp (empty sides: -inf)."""
-    (oa, la), (ob, lb) = a, b
-    lse = torch.logaddexp(la, lb)
-    safe = torch.where(torch.isinf(lse), 0.0, lse)
-    wa, wb = torch.exp(la - safe), torch.exp(lb - safe)
-    return oa * wa[..., None] + ob * wb[..., None], lse
+    """Combine two ``(o, lse)`` over disjoint key sets (see :func:`merge_parts`)."""
+    dim = a[1].dim() - 1  # before the rows
+    return merge_parts(torch.stack([a[0], b[0]], dim), torch.stack([a[1], b[1]], dim), dim)
 
 
 def decode(

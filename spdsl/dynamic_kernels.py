@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dynamic import Backend, block_lists
+from .dynamic import Backend, block_lists, merge_parts
 from .summaries import rounding_margin
 
 __all__ = ["TRITON", "bound_triton", "run_blocks_triton"]
@@ -220,10 +220,7 @@ def run_blocks_triton(
         PAGED=paged, PAGE=k_cache.shape[1] if paged else 1, IEEE=rows.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )  # fmt: skip
-    lse_parts = lpart[..., :R] * _LN2  # natural log, [B, Hkv, nsplit, R]
-    lse = lse_parts.logsumexp(2)
-    w = torch.exp(lse_parts - torch.where(torch.isinf(lse), 0.0, lse)[:, :, None])
-    return (opart[..., :R, :] * w[..., None]).sum(2), lse
+    return merge_parts(opart[..., :R, :], lpart[..., :R] * _LN2, 2)  # lpart: log2 -> natural log
 
 
 #: CUDA (or the interpreter) backend of :func:`spdsl.dynamic.decode`.
