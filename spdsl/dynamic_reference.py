@@ -18,8 +18,9 @@ from .core.ir import PatternIR, Union
 from .core.layout import dense_mask
 from .pattern import as_ir
 from .reference import attention_dense
+from .summaries import sequence_kv
 
-__all__ = ["attention", "attention_dense_dynamic", "candidate_ir", "candidate_mask", "decode", "sequence_kv"]
+__all__ = ["attention", "attention_dense_dynamic", "candidate_ir", "candidate_mask", "decode"]
 
 
 def candidate_ir(pattern_or_ir) -> PatternIR:
@@ -60,15 +61,6 @@ def attention(pattern_or_ir, q, k, v, *, scale=None, bias: float = 0.0, q_offset
     _, _, _, Sq, Skv, _, _ = check_qkv(q, k, v)
     mask = candidate_mask(ir, Sq, Skv, q_offset)
     return attention_dense_dynamic(q, k, v, mask, score=ir.score, scale=scale, bias=bias)
-
-
-def sequence_kv(k_cache, v_cache, b: int, n: int, block_table=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` cached keys and values of sequence ``b``, ``[n, Hkv, D]`` each (paged or not)."""
-    if block_table is None:
-        return k_cache[b, :n], v_cache[b, :n]
-    page = k_cache.shape[1]
-    pages = block_table[b, : -(-n // page)].long()
-    return k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
 
 
 def decode(

@@ -20,6 +20,7 @@ from .core.ir import resolve_q_offset
 from .core.limits import require
 from .heads import check_count, split
 from .pattern import Pattern
+from .summaries import sequence_kv
 
 #: Tile size of the CPU backend's layouts.
 CPU_TILE = 64
@@ -266,12 +267,7 @@ def _decode_cpu(patterns, heads, q, k_cache, v_cache, cache_seqlens, block_table
     out = q.new_zeros(q.shape)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
     for b, n in enumerate(cache_seqlens.tolist()):
-        if block_table is None:
-            k, v = k_cache[b, :n], v_cache[b, :n]
-        else:
-            page = k_cache.shape[1]
-            pages = block_table[b, : -(-n // page)].long()
-            k, v = k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+        k, v = sequence_kv(k_cache, v_cache, b, n, block_table)
         qb, kb, vb = q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2)
         o, l_ = _forward_cpu(patterns, heads, qb, kb, vb, scale, None)
         out[b] = o[0].transpose(0, 1)

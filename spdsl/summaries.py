@@ -64,6 +64,15 @@ def gather_rows(cache: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, block_t
     return cache[block_table[b, pos // page].long(), pos % page, h]
 
 
+def sequence_kv(k_cache, v_cache, b: int, n: int, block_table=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` cached keys and values of sequence ``b``, ``[n, Hkv, D]`` each (paged or not)."""
+    if block_table is None:
+        return k_cache[b, :n], v_cache[b, :n]
+    page = k_cache.shape[1]
+    pages = block_table[b, : -(-n // page)].long()
+    return k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+
+
 class KeySummaries:
     """Per-block min/max boxes of a KV cache's keys: ``lo``, ``hi`` float32 ``[B, Hkv, NB, D]``, and
     ``radius [B, Hkv, NB]``: the largest distance of a block's key from its box's middle.
