@@ -530,3 +530,15 @@ def test_the_tuner_keeps_the_fastest_config_and_skips_broken_ones(power_module, 
     assert calls.count("broken") == 1 and calls.count("slow") == calls.count("fast") == 1 + 3 * 3
     assert module._pick_config(q, run)["name"] == "fast" and len(calls) == 21  # chosen once
     module._TUNED.pop((False, 48, torch.float16, q.device))
+
+    def too_big(cfg):  # a tile too big for these inputs (fp32 at D 128) is expected: no warning
+        if cfg["name"] == "broken":
+            raise RuntimeError("OutOfResources: out of resource: shared memory, Required: 393232")
+        time.sleep(0.002 if cfg["name"] == "slow" else 0.0002)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert module._pick_config(q, too_big)["name"] == "fast"
+    module._TUNED.pop((False, 48, torch.float16, q.device))
