@@ -85,10 +85,31 @@ def test_emitted_mask_shipped_units(monkeypatch):
         assert torch.equal(got, p.dense_mask(700, 1300)), name
 
 
+@pytest.mark.parametrize("base", [2, 3])
+def test_emitted_floor_pow_over_the_int32_range(base, monkeypatch):
+    # base 2 is a bit smear, other bases a chain: both equal the IR's floor_pow from x <= 0 to 2**31 - 1
+    from spdsl.core.ir import TorchOps
+    from tests.cute_shim import installed, ints
+
+    text = f"pattern p() {{ unit 1\n causal\n attend powers({base}) }}"
+    src = mask_source(spdsl.compile(text).ir)
+    x = torch.cat([torch.arange(-5, 5000), torch.tensor([base**k + d for k in range(1, 20) for d in (-1, 0, 1)])])
+    x = torch.cat([x, torch.tensor([2**30 - 1, 2**30, 2**30 + 1, 2**31 - 1])])
+    x = x[x < 2**31]
+    with installed(monkeypatch):
+        ns: dict = {}
+        exec(compile(src, "<emitted cute mask>", "exec"), ns)
+        got = torch.as_tensor(ns[f"_floor_pow{base}"](ints(x))).as_subclass(torch.Tensor)
+    assert torch.equal(got, torch.as_tensor(TorchOps.floor_pow(x, base)))
+
+
 def test_emitted_source_is_checked():
     src = mask_source(spdsl.load(ROOT / "patterns" / "power.spd").ir, q_offset=3)
     assert not [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Mod)]  # CuTe's % truncates
     assert "def mask_mod(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):" in src
+    hashes = {line for s in (src, mask_source(spdsl.load(ROOT / "patterns" / "power.spd").ir)) for line in
+              s.splitlines() if line.startswith("mask_mod.__cute_hash__")}  # fmt: skip
+    assert len(hashes) == 2  # FA4's compile cache key changes with the emitted text
     with pytest.raises(ValueError, match="unknown name"):
         check_source(src + "\nx = os.system\n")
     with pytest.raises(ValueError, match="non-integer"):
