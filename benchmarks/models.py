@@ -152,7 +152,8 @@ def main() -> None:
     impls.append((peers.register_flex_transformers(pattern), flex, "power", False))
     flash_missing = peers.fa4_missing()
     if not flash_missing:
-        name = peers.register_flex_transformers(pattern, name="flex_flash_pattern", backend="FLASH")
+        # no "flash" in the name: transformers would look for a FlashAttention kernel of that name on the hub
+        name = peers.register_flex_transformers(pattern, name="flex_fa4_pattern", backend="FLASH")
         impls.append((name, flash, "power", False))
     rows: list[dict] = []
     for ctx in args.contexts:

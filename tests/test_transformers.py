@@ -243,6 +243,8 @@ def test_refusals_name_what_is_supported():
         register(POWER, name="not a name")
     with pytest.raises(ValueError, match="transformers' own"):
         register(POWER, name="sdpa")
+    with pytest.raises(ValueError, match="contains 'flash'"):
+        register(POWER, name="my_flash_power")
     with pytest.raises(ValueError, match="layer indices"):
         register(POWER, layers={-1: None})
     with pytest.raises(TypeError, match="layers\\[0\\] must be"):

@@ -270,6 +270,8 @@ def register(
         raise ValueError(f"name must be an identifier such as 'spdsl', got {name!r}")
     if name in ("eager", "sdpa", "flex_attention") or name.startswith("flash_attention"):
         raise ValueError(f"name {name!r} is one of transformers' own attention implementations; choose another")
+    if "flash" in name.lower():  # transformers would look for a FlashAttention kernel of that name on the hub
+        raise ValueError(f"name {name!r} contains 'flash', which transformers reserves for FlashAttention kernels")
     if layers is not None and not isinstance(layers, Mapping):
         raise TypeError(f"layers must map layer index -> pattern or None, got {type(layers).__name__}")
     per_layer = {}
