@@ -241,13 +241,19 @@ def _fake_flash_attn(monkeypatch, seen: dict):
     Bst = namedtuple("BlockSparseTensorsTorch", fields)
     Bst.__new__.__defaults__ = (None,)
 
-    def flash_attn_func(q, k, v, *, softmax_scale, mask_mod, block_sparse_tensors, block_sparse_tensors_bwd, **kw):
-        seen.update(kw, bwd=block_sparse_tensors_bwd, fwd=block_sparse_tensors)
+    def flash_attn_func(q, k, v, *, softmax_scale, mask_mod=None, block_sparse_tensors=None,
+                        block_sparse_tensors_bwd=None, causal=False, **kw):  # fmt: skip
+        seen.update(kw, bwd=block_sparse_tensors_bwd, fwd=block_sparse_tensors, causal=causal)
         Sq, Hq, Skv = q.shape[1], q.shape[2], k.shape[1]
-        bq, bk = block_sparse_tensors.block_size
+        keep = torch.ones(Sq, Skv, dtype=torch.bool)
+        if causal:  # FA4's causal: bottom-right aligned
+            keep = torch.arange(Skv)[None, :] <= torch.arange(Sq)[:, None] + (Skv - Sq)
+        cnt = torch.zeros(1, 1, 0, dtype=torch.int32)
+        if block_sparse_tensors is not None:
+            bq, bk = block_sparse_tensors.block_size
+            keep = torch.zeros(Sq, Skv, dtype=torch.bool)
+            cnt, idx, fcnt, fidx = block_sparse_tensors[:4]
         info = types.SimpleNamespace(seqlen_q=Sq, seqlen_k=Skv)
-        keep = torch.zeros(Sq, Skv, dtype=torch.bool)
-        cnt, idx, fcnt, fidx = block_sparse_tensors[:4]
         for r in range(cnt.shape[2]):
             rows = slice(r * bq, min((r + 1) * bq, Sq))
             for j in fidx[0, 0, r, : fcnt[0, 0, r]].tolist():
@@ -295,6 +301,36 @@ def test_fa4_call_path_on_a_fake_fa4(name, q_len, kv_len, off, hq, hkv, tmp_path
     ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     assert (out.double() - ref).abs().max() < 1e-5
+    assert seen["fwd"] is not None and not seen["causal"]  # a sparse pattern: block lists and the mask
     fwd_pairs = {(r, j) for r, row in enumerate(_rows_of(seen["fwd"][0], seen["fwd"][1])) for j in row}
     bwd_pairs = {(j, r) for r, row in enumerate(_rows_of(seen["bwd"][0], seen["bwd"][1])) for j in row}
     assert fwd_pairs == bwd_pairs and seen["bwd"].block_size == fa4.BLOCK == seen["fwd"].block_size
+
+
+DENSE_CASES = [(300, 300, None, True), (130, 389, None, True), (389, 130, None, False), (200, 260, 33, False)]
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "off", "dense"), DENSE_CASES)
+def test_fa4_dense_causal_runs_fa4s_own_causal_kernel(q_len, kv_len, off, dense, tmp_path, monkeypatch):
+    """causal.spd (attend all) calls FA4 with causal=True and no block lists where FA4's bottom-right
+    alignment is spdsl's; otherwise (an explicit offset, empty rows) the block-sparse path."""
+    from tests.cute_shim import installed
+
+    monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
+    seen: dict = {}
+    with installed(monkeypatch):
+        fake = _fake_flash_attn(monkeypatch, seen)
+        monkeypatch.setattr(__import__("sys").modules["flash_attn.cute"], "flash_attn_func", fake, raising=False)
+        monkeypatch.setattr(fa4, "unavailable", lambda device=None: None)
+        fa4.mask_mod.cache_clear()
+        try:
+            p = spdsl.load(ROOT / "patterns" / "causal.spd")
+            g = torch.Generator().manual_seed(1)
+            q = torch.randn(1, 4, q_len, 16, generator=g)
+            k, v = (torch.randn(1, 2, kv_len, 16, generator=g) for _ in range(2))
+            out = fa4.attention(p.ir, q, k, v, 0.25, off)
+        finally:
+            fa4.mask_mod.cache_clear()
+    ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert seen["causal"] is dense and (seen["fwd"] is None) is dense

@@ -80,6 +80,13 @@ def check_source(text: str) -> ast.Module:
     return tree
 
 
+def keeps_all(pat: PatternIR) -> bool:
+    """True when the attend expression keeps every (query, key) pair before the causal cut (it folds
+    to ``True``, as ``all`` does): FA4's own dense (causal) kernel then runs the pattern, no mask."""
+    _, (expr,) = render([pat.expr.keep(CuteOps(), var("qu"), var("ku"))], RESERVED)
+    return expr is True
+
+
 def mask_source(pat: PatternIR, q_offset: int | None = None) -> str:
     """The CuTe-DSL module defining ``mask_mod`` for ``pat`` (attend expression, units, causal cut).
 

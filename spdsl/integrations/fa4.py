@@ -115,6 +115,13 @@ def mask_mod(ir: PatternIR, q_offset: int | None):
     return cache.import_generated(path, f"spdsl_fa4_mask_{ir.name}_{key}").mask_mod
 
 
+@functools.lru_cache(maxsize=64)
+def _dense(ir: PatternIR) -> bool:
+    from ..codegen.cute import keeps_all
+
+    return keeps_all(ir)
+
+
 def _sparse(lists: BlockLists):
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
@@ -131,6 +138,8 @@ def attention(
     return_lse: bool = False,
 ):
     """Block-sparse FA4 attention for one pattern; differentiable (FA4's block-sparse backward).
+    A pattern keeping every pair (``attend all``, as ``causal.spd``) runs FA4's dense (causal)
+    kernel instead, where its alignment is spdsl's (default offset, ``q_len <= kv_len``).
 
     Parameters
     ----------
@@ -149,17 +158,22 @@ def attention(
 
     q_len, kv_len = q.shape[2], k.shape[2]
     default = q_offset is None or q_offset == kv_len - q_len
-    fwd, bwd = cached_block_lists(ir, q_len, kv_len, q_offset, str(q.device))
-    res = flash_attn_func(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        softmax_scale=scale,
-        mask_mod=mask_mod(ir, None if default else q_offset),
-        block_sparse_tensors=_sparse(fwd),
-        block_sparse_tensors_bwd=_sparse(bwd),
-        return_lse=return_lse,
-    )
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if _dense(ir) and (not ir.causal or (default and q_len <= kv_len)):
+        # FA4's causal is bottom-right aligned, spdsl's default offset; q_len <= kv_len: no empty rows
+        res = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=ir.causal, return_lse=return_lse)
+    else:
+        fwd, bwd = cached_block_lists(ir, q_len, kv_len, q_offset, str(q.device))
+        res = flash_attn_func(
+            qt,
+            kt,
+            vt,
+            softmax_scale=scale,
+            mask_mod=mask_mod(ir, None if default else q_offset),
+            block_sparse_tensors=_sparse(fwd),
+            block_sparse_tensors_bwd=_sparse(bwd),
+            return_lse=return_lse,
+        )
     out, lse = res if isinstance(res, tuple) else (res, None)
     out = out.transpose(1, 2)
     if not return_lse:
