@@ -11,10 +11,12 @@ KV head, the key blocks of :class:`~spdsl.summaries.KeySummaries` split into
   - ``score relu(alpha)``: a block is skipped iff ``U <= bias`` for every row -- its weights are
     exactly 0, so the result is exact over ``attend ∪ select``;
   - softmax: the attend blocks are computed first, giving each row's exact kept mass ``K``. Per
-    row, a select block holding ``c`` candidate keys has mass at most ``c·exp(U)``; while the bound
+    row, a select block holding ``c`` candidate keys has mass at most ``c·exp(U)``, and at most the
+    mean-and-spread bound of :func:`~spdsl.summaries.mass_bound` (the smaller counts); while the bound
     ``D`` on the unread mass exceeds ``eps/(1-eps)·K`` for some row, the unread blocks that rows
-    need are computed, highest bound first (``FIRST_ROUND`` per sequence and KV head, doubling
-    each round), and ``K`` grows. At the end ``ε̂ = D / (K + D) <= eps`` for every row is the certificate: the
+    need are computed, highest bound first (``FIRST_ROUND`` or 1/``FIRST_SHARE`` of the blocks per
+    sequence and KV head, ``GROWTH`` times more each round, all that is still needed in round
+    ``MAX_ROUNDS``), and ``K`` grows. At the end ``ε̂ = D / (K + D) <= eps`` for every row is the certificate: the
     total-variation distance to exact softmax over the candidates is at most ``ε̂``, so per
     coordinate ``|o - o_exact| <= ε̂ · (value range over the candidates)``.
 
@@ -34,10 +36,14 @@ import torch
 
 from .core.ir import PatternIR, TorchOps
 from .core.limits import limit, require
-from .summaries import KeySummaries, box_bound, gather_rows
+from .summaries import KeySummaries, box_bound, gather_rows, mass_bound
 
-#: Select blocks per (sequence, KV head) computed in the softmax path's first round (then doubling).
-FIRST_ROUND = 4
+#: Select blocks per (sequence, KV head) computed in the softmax path's first round: ``FIRST_ROUND``
+#: or 1/``FIRST_SHARE`` of the blocks if more, growing by ``GROWTH`` a round; the ``MAX_ROUNDS``-th
+#: round computes every block still needed (which ends it). At 32K (512 blocks: 16, then 64, then
+#: the rest) that is 4 launches with the attend blocks', where 4 doubling from 4 took 8, reading
+#: within a few points as many blocks (B2 Hq32 Hkv8 D128, clustered keys, 1-20% of blocks hot).
+FIRST_ROUND, FIRST_SHARE, GROWTH, MAX_ROUNDS = 4, 32, 4, 3
 
 __all__ = [
     "TORCH",
@@ -173,7 +179,9 @@ def decode(
         o, _ = run(chosen)
         err = torch.zeros((B, Hkv, G, Sq), dtype=torch.float32, device=q.device)
     else:
-        logc = torch.where(select_row, count.double().log()[:, None, None] + bound.double(), -math.inf)
+        spread = mass_bound(rows, summaries.mean, summaries.spread, summaries.count(cache_seqlens), scale)
+        logc = torch.minimum(count.double().log()[:, None, None] + bound.double(), spread.view(B, Hkv, G, Sq, NB))
+        logc = torch.where(select_row, logc, -math.inf)
         o, lse, chosen = _top_p(run, attend_blk, logc, math.log(eps / (1 - eps)))
         dropped = torch.where(chosen[:, :, None, None], -math.inf, logc).logsumexp(-1)  # [B, Hkv, G, Sq]
         total = torch.logaddexp(lse.view(B, Hkv, G, Sq).double(), dropped)
@@ -229,16 +237,18 @@ def prefill(
 
 def _top_p(run, attend_blk, logc, log_ratio: float):
     """Certified top-p: compute the attend blocks, then in rounds the unread blocks that some row
-    still needs, highest bound (over the group's rows) first -- ``FIRST_ROUND`` per (sequence, KV
-    head), doubling -- until for every row the bound on the unread mass is at most
-    ``exp(log_ratio)`` times its exact kept mass.
+    still needs, highest bound (over the group's rows) first -- ``FIRST_ROUND`` or 1/``FIRST_SHARE``
+    of the blocks per (sequence, KV head), ``GROWTH`` times more each round -- until for every row
+    the bound on the unread mass is at most ``exp(log_ratio)`` times its exact kept mass. Round
+    ``MAX_ROUNDS`` computes every block some row still needs: each row's unread tail is then within
+    its bound under the mass kept before the round, which only grew, so that round is the last.
 
     ``logc`` ``[B, Hkv, G, Sq, NB]``: log of (candidate keys x e^bound) per select block, -inf
     elsewhere. Returns ``(o, lse, read)`` over the blocks read, ``read [B, Hkv, NB]``.
     """
     B, Hkv, G, Sq, NB = logc.shape
     o, lse = run(attend_blk)
-    read, budget = attend_blk.clone(), FIRST_ROUND
+    read, budget, left = attend_blk.clone(), max(FIRST_ROUND, -(-NB // FIRST_SHARE)), MAX_ROUNDS
     best = logc.flatten(2, 3).amax(2)  # [B, Hkv, NB]: the group's highest bound per block
     while True:
         ordered, order = torch.where(read[:, :, None, None], -math.inf, logc).sort(-1, descending=True)
@@ -247,10 +257,12 @@ def _top_p(run, attend_blk, logc, log_ratio: float):
         if not bool(needed.any()):
             return o, lse, read
         wanted = torch.zeros_like(needed).scatter(-1, order, needed).flatten(2, 3).any(2) & ~read
-        top = torch.where(wanted, best, -math.inf).topk(min(budget, NB), dim=-1).indices
-        new = torch.zeros_like(wanted).scatter(-1, top, True) & wanted
+        new = wanted
+        if left > 1:  # else all that is wanted: each row's unread tail is then within its bound already
+            top = torch.where(wanted, best, -math.inf).topk(min(budget, NB), dim=-1).indices
+            new = torch.zeros_like(wanted).scatter(-1, top, True) & wanted
         o, lse = _merge((o, lse), run(new))
-        read, budget = read | new, budget * 2
+        read, budget, left = read | new, budget * GROWTH, left - 1
 
 
 def candidate_blocks(ir: PatternIR, cache_seqlens: torch.Tensor, Sq: int, summaries: KeySummaries) -> torch.Tensor:

@@ -9,13 +9,20 @@ block. For the ball of ``radius`` r around ``mid = (lo + hi) / 2`` holding every
 tighter for a few outlier channels). :func:`box_bound` takes the smaller of the two and adds a
 rounding margin so that it also bounds the fp32 dot products the kernels compute. Summaries live
 on the cache's device, in float32 (exact for fp16/bf16 keys).
+
+A block's softmax *mass* ``Σ_j exp(s·q·k_j)`` is bounded more tightly by its keys' mean ``m`` and
+spread ``λ`` (an upper bound on the largest eigenvalue of ``Σ_j r_j r_jᵀ``, ``r_j = k_j − m``):
+with ``x_j = s·q·r_j``, ``Σ_j x_j = 0`` and ``Σ_j x_j² <= V = s²·λ·|q|²``, and over such ``x`` the
+sum ``Σ_j exp(x_j)`` is largest with one key at ``a = sqrt(V·(n−1)/n)`` and the other ``n − 1`` at
+``−a/(n−1)`` (:func:`mass_bound`). For noise spread over many channels ``|q|·sqrt(λ)`` is far below
+the ball's ``|q|·radius``: the bound charges the variance along ``q``, not the worst key's distance.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["KeySummaries", "box_bound", "gather_rows", "rounding_margin"]
+__all__ = ["KeySummaries", "box_bound", "gather_rows", "mass_bound", "rounding_margin", "spread_bound"]
 
 #: Blocks recomputed per step of a from-scratch build (bounds the gathered keys' memory).
 _CHUNK_BLOCKS = 512
@@ -51,6 +58,48 @@ def box_bound(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, radius: torch
     return exact + margin * size
 
 
+def spread_bound(r: torch.Tensor) -> torch.Tensor:
+    """An upper bound on the largest eigenvalue of ``Σ_j r_j r_jᵀ`` for rows ``r [..., n, D]``:
+    ``tr(G)·tr((G / tr G)^32)^(1/32)`` with the Gram matrix ``G = r rᵀ`` (same nonzero eigenvalues),
+    in float64 -- at most ``n^(1/32)`` (1.14 at n = 64) above the exact value, never below it.
+
+    Returns
+    -------
+    float32 ``[...]`` (0 for all-zero rows).
+    """
+    g = r.double() @ r.double().transpose(-1, -2)
+    t = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+    m = g / torch.where(t > 0, t, 1.0)[..., None, None]
+    for _ in range(5):  # m ** 32: eigenvalues of m lie in [0, 1], nothing overflows
+        m = m @ m
+    top = m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=0) ** (1 / 32)
+    return (t * top * (1 + 1e-6)).float()
+
+
+def mass_bound(q: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, count: torch.Tensor, scale: float):
+    """Upper bounds on ``log Σ_j exp(scale·q·k_j)`` over each block's keys (see the module docstring),
+    rounding margin included.
+
+    Parameters
+    ----------
+    q: ``[B, Hkv, R, D]``; mean: ``[B, Hkv, NB, D]``; spread: ``[B, Hkv, NB]`` (:func:`spread_bound`);
+    count: keys per block, integer ``[B, NB]``; scale: the softmax scale.
+
+    Returns
+    -------
+    float64 ``[B, Hkv, R, NB]`` (-inf for empty blocks).
+    """
+    qf = q.double()
+    qn = qf.norm(dim=-1, keepdim=True)  # [B, Hkv, R, 1]
+    lam = spread.double()[:, :, None]  # [B, Hkv, 1, NB]
+    n = count.double()[:, None, None]  # [B, 1, 1, NB]
+    a = scale * qn * (lam * (n - 1) / n.clamp(min=1)).sqrt()
+    spreadout = torch.logaddexp((n - 1).log() - a / (n - 1).clamp(min=1), a)  # n = 1: log 1 = 0
+    centre = scale * (qf @ mean.double().transpose(-1, -2))
+    size = scale * rounding_margin(q.shape[-1]) * qn * (mean.double().norm(dim=-1)[:, :, None] + lam.sqrt())
+    return torch.where(n > 0, centre + spreadout + size, -torch.inf)
+
+
 def gather_rows(cache: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, block_table=None, head=None) -> torch.Tensor:
     """``cache`` rows at token positions ``pos`` of sequences ``b``: ``[..., H, D]`` (all heads), or
     ``[..., D]`` for the heads ``head`` (``b``, ``pos`` and ``head`` broadcast together).
@@ -74,8 +123,10 @@ def sequence_kv(k_cache, v_cache, b: int, n: int, block_table=None) -> tuple[tor
 
 
 class KeySummaries:
-    """Per-block min/max boxes of a KV cache's keys: ``lo``, ``hi`` float32 ``[B, Hkv, NB, D]``, and
-    ``radius [B, Hkv, NB]``: the largest distance of a block's key from its box's middle.
+    """Per-block min/max boxes of a KV cache's keys: ``lo``, ``hi`` float32 ``[B, Hkv, NB, D]``,
+    ``radius [B, Hkv, NB]``: the largest distance of a block's key from its box's middle, and the
+    keys' ``mean [B, Hkv, NB, D]`` and ``spread [B, Hkv, NB]`` (:func:`spread_bound`) for
+    :func:`mass_bound`; ``count(cache_seqlens)`` gives the keys per block.
 
     Built by ``op.summaries(k_cache, cache_seqlens, block_table=None)``; :meth:`update` after
     tokens are appended recomputes only the blocks whose tokens changed. Empty blocks hold zeros
@@ -103,6 +154,8 @@ class KeySummaries:
         self.lo = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
         self.hi = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
         self.radius = torch.zeros(shape[:3], dtype=torch.float32, device=k_cache.device)
+        self.mean = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
+        self.spread = torch.zeros(shape[:3], dtype=torch.float32, device=k_cache.device)
         self.seqlens = [0] * B
         self.update(k_cache, cache_seqlens)
 
@@ -147,6 +200,15 @@ class KeySummaries:
         dist = (keys - 0.5 * (lo + hi)[:, None]).norm(dim=-1)  # [n, bs, Hkv]: from the box's middle
         radius = torch.where(valid[:, :, None], dist, 0.0).amax(1) * (1 + rounding_margin(keys.shape[-1]))
         self.lo[b, :, t], self.hi[b, :, t], self.radius[b, :, t] = lo, hi, radius
+        k64 = torch.where(ok, keys.double(), 0.0)
+        mean = k64.sum(1) / valid.sum(1).clamp(min=1)[:, None, None]  # [n, Hkv, D]
+        r = torch.where(ok, k64 - mean[:, None], 0.0).transpose(1, 2)  # [n, Hkv, bs, D]
+        self.mean[b, :, t], self.spread[b, :, t] = mean.float(), spread_bound(r)
+
+    def count(self, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """Keys per block at ``cache_seqlens``: int64 ``[B, NB]``."""
+        first = torch.arange(self.num_blocks, device=cache_seqlens.device) * self.block_size
+        return (cache_seqlens.to(torch.int64)[:, None] - first).clamp(0, self.block_size)
 
     def check(self, k_cache, cache_seqlens, block_table, *, check_lengths: bool = True) -> None:
         """Raise ValueError unless these summaries describe ``k_cache`` (same storage, shape, dtype,
