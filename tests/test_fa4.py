@@ -275,12 +275,9 @@ def _fake_flash_attn(monkeypatch, seen: dict):
     return flash_attn_func
 
 
-@pytest.mark.parametrize("name", ["power", "longnet", "stride_slash", "dilated"])
-@pytest.mark.parametrize(("q_len", "kv_len", "off", "hq", "hkv"), [(300, 300, None, 2, 2), (130, 389, None, 4, 2),
-                                                                  (200, 260, 33, 2, 1)])  # fmt: skip
-def test_fa4_call_path_on_a_fake_fa4(name, q_len, kv_len, off, hq, hkv, tmp_path, monkeypatch):
-    """The whole FA4 path (block lists at FA4's 128 blocks, emitted mask, layouts, GQA, q_offset)
-    against the fp64 reference, with FA4 itself replaced by tests' CPU stand-in."""
+def _run_on_fake_fa4(p, hq, hkv, q_len, kv_len, off, seed, tmp_path, monkeypatch, return_lse=False):
+    """``fa4.attention`` of pattern ``p`` on random inputs with FA4 replaced by the CPU stand-in:
+    ``(q, k, v, result, seen)`` (``seen``: what the stand-in was called with)."""
     from tests.cute_shim import installed
 
     monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
@@ -291,13 +288,23 @@ def test_fa4_call_path_on_a_fake_fa4(name, q_len, kv_len, off, hq, hkv, tmp_path
         monkeypatch.setattr(fa4, "unavailable", lambda device=None: None)
         fa4.mask_mod.cache_clear()
         try:
-            p = _pattern(name)
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator().manual_seed(seed)
             q = torch.randn(1, hq, q_len, 16, generator=g)
             k, v = (torch.randn(1, hkv, kv_len, 16, generator=g) for _ in range(2))
-            out, lse = fa4.attention(p.ir, q, k, v, 0.25, off, return_lse=True)
+            res = fa4.attention(p.ir, q, k, v, 0.25, off, return_lse=return_lse)
         finally:
             fa4.mask_mod.cache_clear()
+    return q, k, v, res, seen
+
+
+@pytest.mark.parametrize("name", ["power", "longnet", "stride_slash", "dilated"])
+@pytest.mark.parametrize(("q_len", "kv_len", "off", "hq", "hkv"), [(300, 300, None, 2, 2), (130, 389, None, 4, 2),
+                                                                  (200, 260, 33, 2, 1)])  # fmt: skip
+def test_fa4_call_path_on_a_fake_fa4(name, q_len, kv_len, off, hq, hkv, tmp_path, monkeypatch):
+    """The whole FA4 path (block lists at FA4's 128 blocks, emitted mask, layouts, GQA, q_offset)
+    against the fp64 reference, with FA4 itself replaced by tests' CPU stand-in."""
+    p = _pattern(name)
+    q, k, v, (out, lse), seen = _run_on_fake_fa4(p, hq, hkv, q_len, kv_len, off, 0, tmp_path, monkeypatch, True)
     ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     assert (out.double() - ref).abs().max() < 1e-5
@@ -314,23 +321,8 @@ DENSE_CASES = [(300, 300, None, True), (130, 389, None, True), (389, 130, None, 
 def test_fa4_dense_causal_runs_fa4s_own_causal_kernel(q_len, kv_len, off, dense, tmp_path, monkeypatch):
     """causal.spd (attend all) calls FA4 with causal=True and no block lists where FA4's bottom-right
     alignment is spdsl's; otherwise (an explicit offset, empty rows) the block-sparse path."""
-    from tests.cute_shim import installed
-
-    monkeypatch.setenv("SPDSL_CACHE_DIR", str(tmp_path))
-    seen: dict = {}
-    with installed(monkeypatch):
-        fake = _fake_flash_attn(monkeypatch, seen)
-        monkeypatch.setattr(__import__("sys").modules["flash_attn.cute"], "flash_attn_func", fake, raising=False)
-        monkeypatch.setattr(fa4, "unavailable", lambda device=None: None)
-        fa4.mask_mod.cache_clear()
-        try:
-            p = spdsl.load(ROOT / "patterns" / "causal.spd")
-            g = torch.Generator().manual_seed(1)
-            q = torch.randn(1, 4, q_len, 16, generator=g)
-            k, v = (torch.randn(1, 2, kv_len, 16, generator=g) for _ in range(2))
-            out = fa4.attention(p.ir, q, k, v, 0.25, off)
-        finally:
-            fa4.mask_mod.cache_clear()
+    p = spdsl.load(ROOT / "patterns" / "causal.spd")
+    q, k, v, out, seen = _run_on_fake_fa4(p, 4, 2, q_len, kv_len, off, 1, tmp_path, monkeypatch)
     ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
     assert (out.double() - ref).abs().max() < 1e-5
     assert seen["causal"] is dense and (seen["fwd"] is None) is dense
