@@ -88,33 +88,44 @@ def eager_call_us(op, reps: int = 2000) -> dict:
     return out
 
 
+def _first_call_extra_ms(fn, new) -> float:
+    """ms a call at a new length costs beyond a steady call at that length (host and allocation)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*new)
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - t0) * 1e3
+    return max(first - timed(functools.partial(fn, *new), 5), 0.0)
+
+
 def new_length_setup_ms(op, seqs) -> dict:
     """Host time a new prefill length adds to its first call (layout and plan), beyond a steady call.
 
-    A new length is cut from the cached layout of its power-of-two bucket (``restrict_csr``): the
-    kernel is compiled and tuned, and the bucket's layout made, at ``seq - 256`` first (Triton keys
-    integer arguments on divisibility by 16, spdsl on length % 128); ``seq - 128`` is then the new
-    length timed. ``bucket_<seq>`` is what the bucket's own layout cost (once per bucket), on the host.
+    The op is warmed at ``seq`` itself -- a power of two: its layout is the bucket's, the kernel is
+    compiled and tuned, and the caching allocator holds blocks big enough -- and ``seq - 128`` (the
+    same Triton specialization: divisible by 16 and 128) is then the new length, cut from the
+    bucket's cached layout (``restrict_csr``). ``sdpa_<seq>`` is the same measurement for SDPA
+    (dense causal, no layout): what a new length costs any kernel here. ``bucket_<seq>`` is what the
+    bucket's own layout cost (once per bucket), on the host. (Until 2026-12-03 the warm-up was at
+    ``seq - 256``, so the timed call also paid new, larger allocations: ~2 ms at every length.)
     """
     from spdsl.layout import build_csr
 
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, is_causal=True)
     out = {}
     for seq in seqs:
         g = torch.Generator("cuda").manual_seed(seq)
         q, k, v = (torch.randn(1, 32, seq, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-        warm, new = ((q[:, :, :n], k[:, :, :n], v[:, :, :n]) for n in (seq - 256, seq - 128))
-        op(*warm)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        op(*new)
-        torch.cuda.synchronize()
-        first = (time.perf_counter() - t0) * 1e3
-        steady = timed(functools.partial(op, *new), 5)
-        out[str(seq)] = max(first - steady, 0.0)
+        new = tuple(t[:, :, : seq - 128] for t in (q, k, v))
+        with torch.no_grad():
+            op(q, k, v)
+            out[str(seq)] = _first_call_extra_ms(op, new)
+            sdpa(q, k, v)
+            out[f"sdpa_{seq}"] = _first_call_extra_ms(sdpa, new)
         t0 = time.perf_counter()
         build_csr(op.pattern.ir, seq, seq, 128, 128, 0)
         out[f"bucket_{seq}"] = (time.perf_counter() - t0) * 1e3
-        del q, k, v
+        del q, k, v, new
     return out
 
 
