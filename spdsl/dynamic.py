@@ -281,20 +281,23 @@ def candidate_blocks(ir: PatternIR, cache_seqlens: torch.Tensor, Sq: int, summar
     return cand.view(cand.shape[0], Sq, NB, bs).any(-1).any(1)
 
 
-def block_lists(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_lists(chosen: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' form of a block choice.
 
     Parameters
     ----------
     chosen: bool ``[B, Hkv, NB]``.
+    width: the lists' length ``L`` (at least the largest count); None for ``max(1, largest count)``,
+        which costs a host synchronization.
 
     Returns
     -------
     ``(lists, counts)``: int32 ``[B, Hkv, L]`` block indices, ascending, padded with 0, and int32
-    ``[B, Hkv]`` counts; ``L = max(1, largest count)`` (one host synchronization).
+    ``[B, Hkv]`` counts.
     """
     counts = chosen.sum(-1)
-    width = max(1, int(counts.max()) if counts.numel() else 1)
+    if width is None:
+        width = max(1, int(counts.max()) if counts.numel() else 1)
     order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[..., :width]
     lists = torch.where(torch.arange(width, device=chosen.device) < counts[..., None], order, 0)
     return lists.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()

@@ -203,7 +203,7 @@ def run_blocks_triton(
     merged by their log-sum-exp.
     """
     B, Hkv, R, D = rows.shape
-    lists, counts = block_lists(chosen)
+    lists, counts = block_lists(chosen, chosen.shape[-1])  # every block's width: no host synchronization
     nsplit = _splits(rows.device, B * Hkv, lists.shape[-1])
     block_m = max(16, _pow2(R))
     rows = rows.contiguous()
