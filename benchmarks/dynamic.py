@@ -11,7 +11,9 @@ certificate (``spdsl_ms``) and of the same kernels reading every candidate block
 the certified bound ``err_bound`` (max over rows) and the measured error ``err_measured`` against
 fp32 exact attention (max over rows and coordinates of ``|o - exact| / value range``), and a
 Quest-style top-K over the same summaries at the same number of blocks (``topk_err``, no
-certificate). Wall-clock ms, synchronized: the block choice synchronizes with the host.
+certificate), and the strongest peers on the candidates' layout (dense causal here): Flex's FLASH
+backend (FA4) and FA4 dense causal (``flex_flash_ms``, ``fa4_dense_ms``; None with the reason
+without CUDA or FA4). Wall-clock ms, synchronized: the block choice synchronizes with the host.
 Prefill rows (``--prefill-seq``, B1): ``op(q, k, v, eps=)`` on the same kinds of data with every
 position a query (the certified prefill: the decode over chunks of rows, torch backend), against
 spdsl's dense causal kernel (``causal.spd``: every candidate block, since ``select all``) as
@@ -32,9 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spdsl  # noqa: E402
+from benchmarks import peers  # noqa: E402
 from benchmarks.common import timed, write_results  # noqa: E402
 from spdsl import dynamic  # noqa: E402
 from spdsl import dynamic_reference as dref  # noqa: E402
+from spdsl.layout import Layout  # noqa: E402
 
 PATTERN = """pattern massive(window = 4, sinks = 1) {
     unit 64
@@ -79,6 +83,22 @@ def exact(pattern, q, kc, vc, seqlens, scale):
         out[b, 0] = (p @ v)[:, 0]
         vrange[b, 0] = v.amax(1) - v.amin(1)
     return out, vrange
+
+
+def strongest_peers(row, pattern, q, k, v, scale, time_one) -> None:
+    """Flex's FLASH backend (FA4) on the candidates' layout (``attend | select``; here dense causal)
+    and FA4 dense causal, timed as spdsl is (``time_one(fn)``): ``flex_flash_ms`` / ``fa4_dense_ms``
+    and ``speedup_vs_flex_flash``, or None with the reason. q ``[B, Hq, Sq, D]``, k / v ``[B, Hkv, S, D]``."""
+    Sq, S = q.shape[2], k.shape[2]
+    reason = "the FLASH peers need CUDA" if q.device.type != "cuda" else peers.fa4_missing()
+    if reason:
+        row.update(flex_flash_ms=None, flex_flash_error=reason, fa4_dense_ms=None, fa4_dense_error=reason)
+    else:
+        lay = Layout(dref.candidate_ir(pattern), Sq, S, 128, 128, q_offset=S - Sq)
+        flash = peers.flex(lay.to_block_mask(device=q.device), q, k, v, scale, backend="FLASH")
+        row["flex_flash_ms"], row["flex_flash_error"] = peers.try_time(time_one, flash)
+        row["fa4_dense_ms"], row["fa4_dense_error"] = peers.try_time(time_one, peers.fa4_dense_causal(q, k, v, scale))
+    row["speedup_vs_flex_flash"] = row["flex_flash_ms"] / row["spdsl_ms"] if row["flex_flash_ms"] else None
 
 
 def measured(out, ref, vrange) -> float:
@@ -128,6 +148,8 @@ def run_case(op, args, kind, conc, B, S, rows, backend, timer=timed) -> None:
     row["correct"] = bool(torch.isfinite(out).all()) and row["err_bound"] <= args.eps
     row["correct"] &= err_measured <= row["err_bound"] + row["full_err_measured"] + tol
     row["speedup_vs_full"] = row["full_ms"] / row["spdsl_ms"]
+    strongest_peers(row, op.pattern, q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), scale,
+                    lambda fn: timer(fn, args.reps, 3))  # fmt: skip
     rows.append(row)
     print(
         f"  {row['data']:16s} B{B} {S:8d} read {read:6.1%} spdsl {row['spdsl_ms']:.3f} ms full {row['full_ms']:.3f} ms "
@@ -159,6 +181,7 @@ def run_prefill(op, dense, args, kind, conc, S, rows, timer=timed) -> None:
     row["correct"] = bool(torch.isfinite(out).all()) and row["err_bound"] <= args.eps
     row["correct"] &= err_measured <= row["err_bound"] + tol
     row["speedup_vs_full"] = row["full_ms"] / row["spdsl_ms"]
+    strongest_peers(row, op.pattern, q, k, v, 1.0 / math.sqrt(D), lambda fn: timer(fn, args.reps, 3))
     rows.append(row)
     print(f"  prefill {row['data']:16s} {S:8d} spdsl {row['spdsl_ms']:.1f} ms dense causal {row['full_ms']:.2f} ms "
           f"bound {row['err_bound']:.1e} measured {err_measured:.1e} {'ok' if row['correct'] else 'WRONG'}", flush=True)  # fmt: skip

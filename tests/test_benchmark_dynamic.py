@@ -34,6 +34,8 @@ def test_one_row_on_cpu(kind, conc):
     (row,) = rows
     assert row["correct"] and 0 < row["blocks_read_frac"] <= 1 and row["err_bound"] <= args.eps
     assert set(row) >= {"phase", "data", "seq", "batch", "eps", "spdsl_ms", "full_ms", "err_measured", "topk_err"}
+    assert row["flex_flash_ms"] is None and "CUDA" in row["flex_flash_error"]  # the strongest peer: null with why
+    assert row["fa4_dense_ms"] is None and row["fa4_dense_error"] and row["speedup_vs_flex_flash"] is None
 
 
 @pytest.mark.parametrize("kind, conc", [("iid", 0.0), ("clustered", 0.05)])
@@ -51,3 +53,4 @@ def test_one_prefill_row_on_cpu(kind, conc):
     bench.run_prefill(op, dense, args, kind, conc, 200, rows, timer=once)
     (row,) = rows
     assert row["phase"] == "prefill" and row["correct"] and row["err_bound"] <= args.eps
+    assert row["flex_flash_ms"] is None and "CUDA" in row["flex_flash_error"]
