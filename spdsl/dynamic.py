@@ -179,8 +179,8 @@ def decode(
         o, _ = run(chosen)
         err = torch.zeros((B, Hkv, G, Sq), dtype=torch.float32, device=q.device)
     else:
-        spread = mass_bound(rows, summaries.mean, summaries.spread, summaries.count(cache_seqlens), scale)
-        logc = torch.minimum(count.double().log()[:, None, None] + bound.double(), spread.view(B, Hkv, G, Sq, NB))
+        mass = mass_bound(rows, summaries.mean, summaries.spread, summaries.count(cache_seqlens), scale)
+        logc = torch.minimum(count.double().log()[:, None, None] + bound.double(), mass.view(B, Hkv, G, Sq, NB))
         logc = torch.where(select_row, logc, -math.inf)
         o, lse, chosen = _top_p(run, attend_blk, logc, math.log(eps / (1 - eps)))
         dropped = torch.where(chosen[:, :, None, None], -math.inf, logc).logsumexp(-1)  # [B, Hkv, G, Sq]

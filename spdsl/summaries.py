@@ -89,14 +89,14 @@ def mass_bound(q: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor, count:
     -------
     float64 ``[B, Hkv, R, NB]`` (-inf for empty blocks).
     """
-    qf = q.double()
+    qf, mf = q.double(), mean.double()
     qn = qf.norm(dim=-1, keepdim=True)  # [B, Hkv, R, 1]
     lam = spread.double()[:, :, None]  # [B, Hkv, 1, NB]
     n = count.double()[:, None, None]  # [B, 1, 1, NB]
     a = scale * qn * (lam * (n - 1) / n.clamp(min=1)).sqrt()
     spreadout = torch.logaddexp((n - 1).log() - a / (n - 1).clamp(min=1), a)  # n = 1: log 1 = 0
-    centre = scale * (qf @ mean.double().transpose(-1, -2))
-    size = scale * rounding_margin(q.shape[-1]) * qn * (mean.double().norm(dim=-1)[:, :, None] + lam.sqrt())
+    centre = scale * (qf @ mf.transpose(-1, -2))
+    size = scale * rounding_margin(q.shape[-1]) * qn * (mf.norm(dim=-1)[:, :, None] + lam.sqrt())
     return torch.where(n > 0, centre + spreadout + size, -torch.inf)
 
 
