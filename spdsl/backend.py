@@ -56,8 +56,8 @@ class _Wrapped:
         return getattr(self.triton, name)
 
     def _fa4(self, q, k, v, scale, q_offset, return_lse):
-        ir = self.triton.pattern.ir
-        return fa4.attention(ir, q, k, v, resolve_scale(scale, q.shape[-1]), q_offset, return_lse)
+        q, k, v, scale, q_offset = self.triton.checked(q, k, v, scale, q_offset)  # the Triton op's checks
+        return fa4.attention(self.triton.pattern.ir, q, k, v, resolve_scale(scale, q.shape[-1]), q_offset, return_lse)
 
 
 class FA4Attention(_Wrapped):

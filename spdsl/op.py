@@ -69,15 +69,10 @@ class SparseAttention:
         lines take ``eps``, ``bias`` and ``return_error`` as :meth:`decode` does (forward only; see
         :func:`spdsl.dynamic.prefill`).
         """
-        q, k, v = _autocast(q, k, v)
-        self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        q, k, v, scale, q_offset = self.checked(q, k, v, scale, q_offset)
         if self._dynamic or dynamic:
             return self._prefill_dynamic(q, k, v, scale, q_offset, return_lse, dynamic)
         check_count(self.heads, q.shape[1])
-        if q_offset is not None:
-            q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
-        if scale is not None:
-            scale = resolve_scale(scale, q.shape[-1])
         if _direct(q, k, v) and not self._on_cpu(q):  # eager, nothing to differentiate: no op dispatch,
             # and no LSE unless asked for (the custom op always returns it: the backward needs it)
             return self.module.forward(
@@ -85,6 +80,22 @@ class SparseAttention:
             )
         out, lse = self._fwd(q, k, v, scale, q_offset)
         return (out, lse) if return_lse else out
+
+    def checked(self, q, k, v, scale: float | None, q_offset: int | None):
+        """The forward's front, shared by every backend: ``torch.autocast``'s cast, the module's input
+        checks (dtype, device, rank, head dim, GQA ratio, strides), the offset and scale resolved.
+
+        Returns
+        -------
+        ``(q, k, v, scale, q_offset)``, scale and q_offset None where not given.
+        """
+        q, k, v = _autocast(q, k, v)
+        self.module.check_inputs(q, k, v, "BHSD", allow_cpu=True)
+        if q_offset is not None:
+            q_offset = resolve_q_offset(q_offset, q.shape[2], k.shape[2])
+        if scale is not None:
+            scale = resolve_scale(scale, q.shape[-1])
+        return q, k, v, scale, q_offset
 
     def _on_cpu(self, q) -> bool:
         return _on_cpu(self.module, q)
@@ -182,7 +193,7 @@ class SparseAttention:
         if not self._dynamic:
             raise TypeError(f"{', '.join(sorted(options))} apply only to patterns with score/select lines")
         opts = _dynamic_options(options, return_lse)
-        if q_offset is not None and resolve_q_offset(q_offset, q.shape[2], k.shape[2]) != k.shape[2] - q.shape[2]:
+        if q_offset is not None and q_offset != k.shape[2] - q.shape[2]:  # (resolved by checked())
             raise NotImplementedError(
                 "patterns with score/select lines take the default q_offset (kv_len - q_len) only"
             )

@@ -326,3 +326,20 @@ def test_fa4_dense_causal_runs_fa4s_own_causal_kernel(q_len, kv_len, off, dense,
     ref = spdsl.reference.attention(p, q.double(), k.double(), v.double(), scale=0.25, q_offset=off)
     assert (out.double() - ref).abs().max() < 1e-5
     assert seen["causal"] is dense and (seen["fwd"] is None) is dense
+
+
+def test_fa4_calls_get_the_triton_ops_input_checks(monkeypatch):
+    """backend='fa4' validates as the Triton op does (one front, SparseAttention.checked) before FA4."""
+    op = spdsl.build(spdsl.load(ROOT / "patterns" / "power.spd"))
+    seen = []
+    monkeypatch.setattr(fa4, "attention", lambda ir, q, k, v, scale, off, lse: seen.append((q.dtype, scale, off)))
+    wrapped = backend_mod.FA4Attention(op)
+    q, k = torch.randn(1, 4, 32, 64), torch.randn(1, 2, 40, 64)
+    with pytest.raises(ValueError, match="head dim"):
+        wrapped(q, torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        wrapped(q.long(), k, k)
+    with pytest.raises((TypeError, ValueError), match="q_offset"):
+        wrapped(q, k, k, q_offset=1.5)
+    wrapped(q, k, k, q_offset=5)
+    assert seen == [(torch.float32, 0.125, 5)]  # checks passed, the scale resolved: FA4 called once
