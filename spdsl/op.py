@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import single_query
 from .core.checks import resolve_scale
 from .core.ir import resolve_q_offset
 from .core.limits import require
@@ -69,6 +70,9 @@ class SparseAttention:
         lines take ``eps``, ``bias`` and ``return_error`` as :meth:`decode` does (forward only; see
         :func:`spdsl.dynamic.prefill`).
         """
+        if not (self._dynamic or dynamic) and single_query.routable(self, q, k, q_offset) and _direct(q, k, v):
+            q, k, v = _autocast(q, k, v)
+            return single_query.attention(self, q, k, v, scale, return_lse)
         q, k, v, scale, q_offset = self.checked(q, k, v, scale, q_offset)
         if self._dynamic or dynamic:
             return self._prefill_dynamic(q, k, v, scale, q_offset, return_lse, dynamic)

@@ -141,3 +141,70 @@ def test_gpu_bf16_and_cuda_graph(paged):
         static.copy_(torch.tensor(new, dtype=torch.int32))
         g.replay()
         torch.testing.assert_close(graphed, op.decode(q, kc_, vc_, static, **kw), atol=0, rtol=0)
+
+
+SINGLE = [(2, 4, 1, 37), (1, 8, 2, 70), (3, 2, 2, 5)]
+
+
+@pytest.mark.parametrize("shape", SINGLE, ids=lambda s: "B{}-H{}x{}-S{}".format(*s))
+def test_single_query_call_is_the_prefill(ops, shape, monkeypatch):
+    """op(q, k, v) with one query row runs the decode kernel (issue 11's eager path): same result as the
+    reference prefill, LSE included, in the prefill's layout; bad inputs get the prefill's messages."""
+    B, Hq, Hkv, S = shape
+    gen = torch.Generator().manual_seed(S)
+    q = torch.randn(B, Hq, 1, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(B, Hkv, S, 16, generator=gen).to(DEVICE) for _ in range(2))
+    op = ops["power"]
+    monkeypatch.setattr(op.module, "forward", None)  # the prefill kernels must not run
+    out, lse = op(q, k, v, return_lse=True)
+    monkeypatch.undo()
+    ro, rl = reference.attention(op.pattern, q.cpu(), k.cpu(), v.cpu(), return_lse=True)
+    assert out.shape == q.shape and out.is_contiguous()
+    torch.testing.assert_close(out.cpu().double(), ro, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), rl, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="q and k must share the head dim"):
+        op(q[..., :15].contiguous(), k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_plans_fast_path_and_one_launch():
+    """A repeated decode shape reuses its checked plan and compiled kernel (the eager fast path); a growing
+    cache, a misaligned query view and B64 (no split) stay exact; a call is one kernel launch."""
+    op = spdsl.build(spdsl.load(os.path.join(os.path.dirname(__file__), "..", "patterns", "power.spd")))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)
+    Hq, Hkv, D = 32, 8, 128
+
+    def check(q, kc, vc, lens):
+        out = op.decode(q, kc, vc, lens)
+        ro, _ = ref_decode(op.pattern, q.float(), kc.float(), vc.float(), lens, 1 / math.sqrt(D))
+        err = ((out.cpu().double() - ro).norm() / ro.norm()).item()
+        assert err < 1e-2, err
+
+    for B, S in ((1, 4096), (1, 4100), (1, 4160), (2, 9000), (64, 600)):
+        kc, vc = rnd(B, S, Hkv, D), rnd(B, S, Hkv, D)
+        lens = torch.randint(S // 2, S + 1, (B,), dtype=torch.int32, device="cuda", generator=gen)
+        for _ in range(2):  # the second call runs the plan's compiled kernel directly
+            check(rnd(B, 1, Hq, D), kc, vc, lens)
+    plans = len(op.module._DECODE_PLANS)
+    check(rnd(B, 1, Hq, D), kc, vc, lens)
+    assert len(op.module._DECODE_PLANS) == plans, "a seen shape must not build a new plan"
+    misaligned = rnd(B * Hq * D + 1)[1:].view(B, 1, Hq, D)  # 2-byte aligned: its own specialization
+    check(misaligned, kc, vc, lens)
+    assert len(op.module._DECODE_PLANS) == plans + 1
+    q1, k1, v1 = rnd(1, 1, Hq, D), rnd(1, 8192, Hkv, D), rnd(1, 8192, Hkv, D)
+    lens1 = torch.full((1,), 8192, dtype=torch.int32, device="cuda")
+    op.decode(q1, k1, v1, lens1)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        op.decode(q1, k1, v1, lens1)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, kernels
+    # op(q, k, v) with one query: the decode kernel, the prefill's result
+    qh, kh, vh = q1.transpose(1, 2).contiguous(), k1.transpose(1, 2).contiguous(), v1.transpose(1, 2).contiguous()
+    out, lse = op(qh, kh, vh, return_lse=True)
+    ro, rl = reference.attention(op.pattern, qh.float().cpu(), kh.float().cpu(), vh.float().cpu(), return_lse=True)
+    assert ((out.cpu().double() - ro).norm() / ro.norm()).item() < 1e-2
+    torch.testing.assert_close(lse.cpu().double(), rl, atol=2e-2, rtol=0)
